@@ -1,0 +1,176 @@
+"""The `Pass` base class and the per-site rewrite context passes insert nodes through.
+
+A pass declares what it `provides` and `requires` (capabilities such as "scores" or "budget"), its
+`Options` dataclass, and implements any of:
+  plan_layer(site, plan)  shape the static store plan (budgets, eviction policy) for one layer
+  rewrite(rw)             insert nodes into one site of one captured graph (rw.phase: prefill or decode)
+Passes run in phase order (score < budget < select < quant < attend), then recipe order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+
+from kvsurgery.fx_utils import op_name
+from kvsurgery.ops import STORE_MUTATES
+from kvsurgery.sites import AttentionSite, SiteMatch
+
+PHASES = ("score", "budget", "select", "quant", "attend")
+
+# Capabilities a pass can provide. "exclusive" ones may have a single provider in a recipe.
+CAPABILITIES = {
+    "identity": "keeps every token (no compression)",
+    "scores": "token importance scores at prefill",
+    "budget": "how many tokens each layer / KV head keeps",
+    "select": "compaction of kept tokens into the store",
+    "decode_eviction": "evicts a token per step when a segment is full",
+    "quant": "low-bit storage of the kept tokens",
+    "attend": "decode attention over the store",
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Tokens always kept at prefill, set by the scoring pass: the first `sinks` and the last `window`."""
+
+    sinks: int = 0
+    window: int = 0
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """Decode-time eviction: when a segment is full, one unprotected token leaves per step.
+
+    Protected: the `sinks` earliest and the `window` most recent tokens. The victim is the lowest slot score
+    (`by_score`) or the oldest. New tokens start at score `score_new` ("position" or "zero"); `accumulate`
+    adds each step's attention to the slot scores (H2O).
+    """
+
+    sinks: int = 0
+    window: int = 0
+    by_score: bool = False
+    score_new: str = "position"
+    accumulate: bool = False
+
+
+OLDEST_FIRST = Eviction()
+
+
+@dataclass
+class PlanState:
+    """Per-layer static decisions, refined by each pass's `plan_layer` before the store is allocated."""
+
+    site: AttentionSite
+    n_layers: int
+    prompt_len: int
+    max_new_tokens: int
+    budget: int | None  # tokens per KV head (resolved from the recipe's budget), None = keep everything
+    selection: Selection
+    eviction: Eviction | None
+    keep: list[int] = field(default_factory=list)
+    room: int = 0
+
+
+@dataclass
+class SiteRewrite:
+    """Handles on one attention site of one captured graph, and the nodes passes insert there."""
+
+    graph: fx.Graph
+    site: AttentionSite
+    match: SiteMatch
+    phase: str  # "prefill" or "decode"
+    store: dict[str, fx.Node]
+    products: dict[str, Any] = field(default_factory=dict)
+    inserted: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def q(self) -> fx.Node:
+        return self.match.attention.q
+
+    @property
+    def k(self) -> fx.Node:
+        return self.match.cache.k_new
+
+    @property
+    def v(self) -> fx.Node:
+        return self.match.cache.v_new
+
+    @property
+    def mask(self) -> fx.Node | None:
+        return self.match.attention.mask
+
+    def call(self, pass_name: str, op, args: tuple, before: fx.Node | None = None) -> fx.Node:
+        """Insert `op(*args)` (before the cache update by default) and record it under `pass_name`."""
+        anchor = before if before is not None else self.match.cache.marker
+        with self.graph.inserting_before(anchor):
+            node = self.graph.call_function(op, args)
+        node.meta["nn_module_stack"] = dict(anchor.meta.get("nn_module_stack", {}))
+        self.inserted.setdefault(pass_name, []).append(op_name(node))
+        return node
+
+    def store_args(self) -> tuple[fx.Node, ...]:
+        return tuple(self.store[name] for name in STORE_MUTATES)
+
+
+class Pass:
+    """Base class of graph passes. Subclasses live one per file in `passes/` and register by `name`."""
+
+    name: ClassVar[str]
+    phase: ClassVar[str]
+    provides: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[frozenset[str]] = frozenset()
+    defaults: ClassVar[dict[str, str]] = {}  # capability -> recipe used when no pass in the recipe provides it
+    needs_budget: ClassVar[bool] = False
+    core: ClassVar[bool] = False  # added by the manager, not named in recipes
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    def spec(self) -> str:
+        """Canonical recipe text for this pass with its non-default options."""
+        default = self.Options()
+        changed = [
+            f"{f.name}={getattr(self.options, f.name)}"
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != getattr(default, f.name)
+        ]
+        return f"{self.name}({','.join(changed)})" if changed else self.name
+
+    def selection(self) -> Selection | None:
+        """The always-kept tokens this (scoring) pass defines, if any."""
+        return None
+
+    def eviction(self) -> Eviction | None:
+        """The decode-time eviction this pass defines, if any."""
+        return None
+
+    def check(self, sites: list[AttentionSite], budget) -> None:
+        """Validate options against the model and budget; raise a clear error when they cannot work."""
+
+    def plan_layer(self, state: PlanState) -> None:
+        """Refine the static plan of one layer."""
+
+    def rewrite(self, rw: SiteRewrite) -> None:
+        """Insert this pass's nodes at one site."""
+
+
+def kv_op(name: str):
+    """`torch.ops.kvsurgery.<name>.default`."""
+    return getattr(torch.ops.kvsurgery, name).default

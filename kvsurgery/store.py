@@ -1,0 +1,183 @@
+"""The compressed KV store: fixed-capacity buffers per layer, one segment per (batch row, KV head).
+
+Memory is really freed: a layer allocates `slots = sum(keep per head) + n_kv_heads * room` token slots per
+row, never the full prompt length. Shapes are static after allocation (CUDA-graph friendly); eviction and
+appends overwrite slots in place. The store is a transformers `Cache`, so `generate()` drives it, but its
+`update` only emits the `kvsurgery::kv_update` marker that the graph passes rewrite into real ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache
+
+from kvsurgery import ops  # noqa: F401  (registers torch.ops.kvsurgery)
+from kvsurgery.errors import CacheCapacityError, KVSurgeryError
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Static allocation of one layer: per-KV-head prefill budgets, decode room and eviction policy."""
+
+    layer: int
+    keep: tuple[int, ...]  # tokens kept per KV head at prefill (sinks + window included)
+    room: int  # slots per head for decoded tokens; 0 when decoding evicts instead
+    evict: bool  # evict one token per step when a segment is full
+    head_dim: int
+    v_head_dim: int
+    sliding_window: int | None = None
+    score_slots: bool = False  # keep a per-slot score (H2O accumulated attention, recency)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return len(self.keep)
+
+    @property
+    def slots(self) -> int:
+        return sum(self.keep) + self.n_kv_heads * self.room
+
+    @property
+    def max_segment(self) -> int:
+        return max(self.keep) + self.room
+
+    def bytes_per_slot(self, dtype: torch.dtype) -> int:
+        """Bytes one slot costs: key + value + position (+ score)."""
+        item = torch.empty((), dtype=dtype).element_size()
+        return item * (self.head_dim + self.v_head_dim) + 4 + (4 if self.score_slots else 0)
+
+
+class StoreLayer:
+    """The tensors of one layer's compressed store (see `kvsurgery.reference` for their layout)."""
+
+    def __init__(self, plan: LayerPlan, batch: int, dtype: torch.dtype, device: torch.device):
+        self.plan = plan
+        n_slots, n_kv = plan.slots, plan.n_kv_heads
+        self.k = torch.zeros(batch, n_slots, plan.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, n_slots, plan.v_head_dim, dtype=dtype, device=device)
+        self.pos = torch.full((batch, n_slots), -1, dtype=torch.int32, device=device)
+        shape = (batch, n_slots) if plan.score_slots else (0,)
+        self.slot_score = torch.zeros(shape, dtype=torch.float32, device=device)
+        keep = torch.tensor(plan.keep, dtype=torch.int32, device=device)
+        seg = keep + plan.room
+        self.keep = keep.expand(batch, n_kv).contiguous()
+        self.cap = seg.expand(batch, n_kv).contiguous()
+        self.start = (seg.cumsum(0) - seg).expand(batch, n_kv).contiguous().to(torch.int32)
+        self.length = torch.zeros(batch, n_kv, dtype=torch.int32, device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        if not torch.compiler.is_compiling():
+            for t in self.tensors():
+                torch._dynamo.mark_static_address(t)
+
+    def tensors(self) -> list[Tensor]:
+        """In the order of `kvsurgery.ops.STORE_MUTATES`."""
+        return [self.k, self.v, self.pos, self.slot_score, self.keep, self.cap, self.start, self.length, self.seen]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class KVStore(Cache):
+    """A transformers `Cache` backed by kvsurgery's fixed-capacity compressed layers.
+
+    Create it through the rewritten model (`generate()` does it for you); it is allocated on the first
+    (prefill) forward, when the prompt length is known.
+    """
+
+    def __init__(self, surgery, max_new_tokens: int):
+        super().__init__(layers=[])
+        self.surgery = surgery
+        self.max_new_tokens = max_new_tokens
+        self.prefilled = False
+        self.prompt_len = 0
+        self.decoded = 0
+
+    # -- allocation and bookkeeping (outside the compiled graph) -------------------------------------
+    def allocate(self, batch: int, prompt_len: int) -> None:
+        plans = self.surgery.plan(prompt_len, self.max_new_tokens)
+        self.prompt_len = prompt_len
+        self.layers = [
+            StoreLayer(plan, batch, self.surgery.dtype_of(plan.layer), self.surgery.device_of(plan.layer))
+            for plan in plans
+        ]
+
+    def check_room(self, new_tokens: int) -> None:
+        """Fail before a decode step would overflow a non-evicting store (never overwrite silently)."""
+        if new_tokens != 1:
+            raise KVSurgeryError(
+                f"kvsurgery decodes one token per step after the prefill; got {new_tokens} new tokens. "
+                "Chunked prefill and multi-token steps (assisted generation) are not supported: "
+                "pass the whole prompt in the first call."
+            )
+        needs_room = [layer.plan for layer in self.layers if not layer.plan.evict]
+        if needs_room and self.decoded + new_tokens > needs_room[0].room:
+            raise CacheCapacityError(
+                f"the compressed cache was allocated with room for {needs_room[0].room} decoded tokens and is full. "
+                "Create it with a larger max_new_tokens (generate() uses its own max_new_tokens), or use a recipe "
+                "that evicts while decoding (e.g. 'streaming', 'h2o')."
+            )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the store holds (what it really allocates)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    # -- what transformers calls ---------------------------------------------------------------------
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        store = self.layers[layer_idx].tensors()
+        return torch.ops.kvsurgery.kv_update(key_states, value_states, store, layer_idx, not self.prefilled)
+
+    def get_seq_length(self, layer_idx: int = 0):
+        """Tokens seen so far (a 0-d tensor, so decode steps never recompile); positions keep counting them."""
+        if not self.layers:
+            return 0
+        return self.layers[layer_idx].seen
+
+    def get_query_offset(self, layer_idx: int = 0):
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *args) -> tuple[int, int]:
+        # Only the prefill attention uses the model's mask (over the prompt itself); decode attention over
+        # the store is rewritten and masks by stored positions, so the model's decode mask is never read.
+        return query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False  # kvsurgery compiles the forward itself; transformers must not wrap it again
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [layer.plan.sliding_window is not None for layer in self.layers]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].k.shape[0] if self.layers else -1
+
+    def reset(self) -> None:
+        raise KVSurgeryError("a kvsurgery store holds one sequence batch; create a new one instead of resetting it")
+
+    def _unsupported(self, *args, **kwargs):
+        raise KVSurgeryError(
+            "beam search, contrastive search and cache cropping are not supported by kvsurgery's compressed cache; "
+            "use greedy decoding or sampling (do_sample=True)."
+        )
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
