@@ -9,8 +9,10 @@ from torch import fx
 from transformers.cache_utils import DynamicCache
 
 from kvsurgery.errors import UnsupportedModelError
-from kvsurgery.fx_utils import example, op_counts, own_code_copy
-from kvsurgery.sites import AttentionSite, SiteMatch, find_attention, find_sites
+from kvsurgery.fx_utils import example, module_path, op_counts, own_code_copy
+from kvsurgery.sites import AttentionSite, SiteMatch, find_attention, find_cache_updates, find_sites
+
+ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "matmul")
 
 
 @dataclass
@@ -87,6 +89,13 @@ def discover(model: torch.nn.Module) -> Discovery:
     graph = graphs[-1].graph
     matches = find_sites(graph, model)
     if not matches:
+        updates = find_cache_updates(graph)
+        if updates:
+            raise UnsupportedModelError(
+                f"{module_path(updates[0])} updates a KV cache, but the attention reading it is not one kvsurgery "
+                "recognises (scaled_dot_product_attention or matmul -> softmax -> matmul); load the model with "
+                "attn_implementation='sdpa' or 'eager'"
+            )
         attention = find_attention(graph)
         if not attention:
             raise UnsupportedModelError(
@@ -106,4 +115,6 @@ def discover(model: torch.nn.Module) -> Discovery:
             f"{name}: found attention sites for layers {layers} but the config has {text.num_hidden_layers} layers "
             f"(missing {missing}); every decoder layer must have a recognisable attention reading the KV cache"
         )
-    return Discovery([_site(model, m) for m in matches], dict(op_counts(graph)), matches[0].cache.kind)
+    counts = {k: v for k, v in op_counts(graph).items() if k in ATTENTION_OPS}
+    counts["cache updates (torch.cat onto a cache tensor)"] = len(find_cache_updates(graph))
+    return Discovery([_site(model, m) for m in matches], counts, matches[0].cache.kind)

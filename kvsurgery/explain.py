@@ -10,7 +10,7 @@ from kvsurgery.errors import KVSurgeryError
 from kvsurgery.manager import GraphReport
 from kvsurgery.runtime import Surgery
 
-_SHOWN_OPS = ("scaled_dot_product_attention", "softmax", "matmul", "cat")
+_SHOWN_OPS = ("scaled_dot_product_attention", "softmax", "matmul")
 
 
 @dataclass
@@ -43,17 +43,37 @@ class Explanation:
         budget = f", budget {recipe.budget}" if recipe.budget is not None else ""
         lines = [f"kvsurgery recipe '{recipe.text}'{budget} on {type(s.model).__name__}"]
         lines.append(f"attention sites found by Dynamo capture of a decode step ({len(s.sites)}):")
-        lines += [f"  {site.describe()}" for site in s.sites]
+        lines += _site_lines(s.sites)
         lines.append("passes, in order: " + ", ".join(f"{p.spec()} [{p.phase}]" for p in recipe.passes))
         lines += [f"  added by default: {a}" for a in recipe.added]
-        before = {k: v for k, v in s.discovery_counts.items() if k in _SHOWN_OPS or k.startswith("kvsurgery")}
-        lines.append(f"model graph before surgery (decode step, transformers' own cache): {before}")
+        lines.append(f"model graph before surgery (decode step, transformers' own cache): {s.discovery_counts}")
         if not s.reports:
             lines.append("no graph rewritten yet: run generate() or forward() once to see the inserted nodes")
         for report in s.reports.values():
             lines += _graph_lines(report)
         lines += _store_lines(self)
         return "\n".join(lines)
+
+
+def _layers(layers: list[int]) -> str:
+    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+
+
+def _site_lines(sites) -> list[str]:
+    """One line per run of consecutive layers whose attention looks the same."""
+    lines, run = [], [sites[0]]
+    for site in sites[1:]:
+        if site.describe() == run[-1].describe() and site.layer == run[-1].layer + 1:
+            run.append(site)
+            continue
+        lines.append(_site_run(run))
+        run = [site]
+    return [*lines, _site_run(run)]
+
+
+def _site_run(run) -> str:
+    module = run[0].module if len(run) == 1 else run[0].module.replace(f".{run[0].layer}.", ".{i}.", 1)
+    return f"  {_layers([s.layer for s in run])} {module}: {run[0].describe()}"
 
 
 def _graph_lines(report: GraphReport) -> list[str]:
@@ -64,8 +84,7 @@ def _graph_lines(report: GraphReport) -> list[str]:
         inserted = "; ".join(f"{name}: {', '.join(ops)}" for name, ops in site.inserted.items())
         groups.setdefault(inserted, []).append(site.layer)
     for inserted, layers in groups.items():
-        where = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-        lines.append(f"  {where}: {inserted or 'nothing inserted'}")
+        lines.append(f"  {_layers(layers)}: {inserted or 'nothing inserted'}")
     return lines
 
 

@@ -142,8 +142,8 @@ def adakv_budgets(
     b_sz, n_kv, t = scores.shape
     budget = int(keep[0].sum()) // n_kv
     selectable = budget - sinks - window
-    if selectable <= 0:
-        return keep.clone()
+    if selectable <= 0 or budget >= t:
+        return keep.clone()  # nothing to share: every head already keeps all it can
     valid = valid_keys(mask, t, b_sz).to(scores.device)
     candidate = valid & ~forced_keep(valid, sinks, window)
     s = scores.float().masked_fill(~candidate[:, None], NEG_INF)

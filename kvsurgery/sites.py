@@ -40,11 +40,9 @@ class AttentionSite:
     sliding_window: int | None
 
     def describe(self) -> str:
+        """The site's attention, without its layer: "sdpa, 9 q heads / 3 kv heads, head_dim 64"."""
         window = f", sliding window {self.sliding_window}" if self.sliding_window else ""
-        return (
-            f"layer {self.layer:>2} {self.module}: {self.kind}, {self.n_heads} q heads / {self.n_kv_heads} kv heads, "
-            f"head_dim {self.head_dim}{window}"
-        )
+        return f"{self.kind}, {self.n_heads} q heads / {self.n_kv_heads} kv heads, head_dim {self.head_dim}{window}"
 
 
 @dataclass
@@ -159,6 +157,19 @@ def _cache_source(node: fx.Node) -> tuple[str, fx.Node, fx.Node | None] | None:
             if user.op == "call_method" and user.target in ("index_copy_", "index_put_") and user.args[0] is src:
                 return "static", user.args[-1] if user.target == "index_copy_" else user.args[2], None
     return None
+
+
+def find_cache_updates(graph: fx.Graph) -> list[fx.Node]:
+    """Nodes appending new keys/values onto a cache tensor (DynamicCache's torch.cat onto a graph input)."""
+    return [
+        n
+        for n in graph.nodes
+        if n.op == "call_function"
+        and n.target is torch.cat
+        and len(n.args[0]) == 2
+        and n.args[0][0].op == "placeholder"
+        and n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0) in (-2, 2)
+    ]
 
 
 def _layer_index(module: str, model: torch.nn.Module | None, marker: fx.Node | None) -> int:

