@@ -11,7 +11,6 @@ from kvsurgery import registry
 from kvsurgery.budget import Budget
 from kvsurgery.errors import BudgetError, RecipeError, UnsupportedModelError
 from kvsurgery.fx_utils import is_kv_update, op_counts
-from kvsurgery.ops import STORE_MUTATES
 from kvsurgery.pass_base import PHASES, Eviction, Pass, PlanState, Selection, SiteRewrite
 from kvsurgery.recipe import PassSpec, parse
 from kvsurgery.sites import AttentionSite, find_sites, unpaired_markers
@@ -86,6 +85,7 @@ class Recipe:
                     v_head_dim=site.v_head_dim,
                     sliding_window=site.sliding_window,
                     score_slots=state.eviction is not None and state.eviction.by_score,
+                    planes=tuple(state.planes),
                 )
             )
         return plans
@@ -98,7 +98,7 @@ class Recipe:
         matches = find_sites(graph)
         for marker in unpaired_markers(graph, matches):
             raise UnsupportedModelError(
-                f"the KV cache of layer {marker.args[3]} feeds no attention kvsurgery recognises "
+                f"the KV cache of layer {marker.args[4]} feeds no attention kvsurgery recognises "
                 "(expected scaled_dot_product_attention or matmul -> softmax -> matmul); load the model with "
                 "attn_implementation='sdpa' or 'eager'"
             )
@@ -110,11 +110,11 @@ class Recipe:
                     "pass the cache created by the rewritten model (or none) to forward/generate"
                 )
             marker = match.cache.marker
-            phase = "prefill" if marker.args[4] else "decode"
+            _, _, tensors, names, _, prefill = marker.args
+            phase = "prefill" if prefill else "decode"
             report.phase = phase
-            rw = SiteRewrite(
-                graph, sites[match.layer], match, phase, dict(zip(STORE_MUTATES, marker.args[2], strict=True))
-            )
+            store = dict(zip(names.split(","), tensors, strict=True))
+            rw = SiteRewrite(graph, sites[match.layer], match, phase, store)
             for p in self.passes:
                 p.rewrite(rw)
             report.sites.append(SiteReport(match.layer, match.module, rw.inserted))
@@ -123,7 +123,7 @@ class Recipe:
         if leftover:
             raise UnsupportedModelError(
                 f"internal: {len(leftover)} kvsurgery cache markers are still used after the rewrite "
-                f"(layer {leftover[0].args[3]}); no pass replaced their consumers"
+                f"(layer {leftover[0].args[4]}); no pass replaced their consumers"
             )
         graph.lint()
         gm.recompile()

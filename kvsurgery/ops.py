@@ -13,12 +13,19 @@ from torch import Tensor
 from kvsurgery import reference
 from kvsurgery.errors import SurgeryNotAppliedError
 
+# The core store tensors, in the order the store ops take them (see kvsurgery.store.CORE_TENSORS).
 STORE_MUTATES = ("k_store", "v_store", "pos", "slot_score", "keep", "cap", "start", "length", "seen")
 
 
 @torch.library.custom_op("kvsurgery::kv_update", mutates_args=())
-def kv_update(k: Tensor, v: Tensor, store: list[Tensor], layer_idx: int, prefill: bool) -> tuple[Tensor, Tensor]:
-    """Marker emitted by `KVStore.update`: the surgery pipeline replaces it. Running it means it did not."""
+def kv_update(
+    k: Tensor, v: Tensor, store: list[Tensor], names: str, layer_idx: int, prefill: bool
+) -> tuple[Tensor, Tensor]:
+    """Marker emitted by `KVStore.update`: the surgery pipeline replaces it. Running it means it did not.
+
+    It carries the layer's store tensors and their comma-separated names, so passes can wire them into the
+    ops they insert.
+    """
     raise SurgeryNotAppliedError(
         f"attention layer {layer_idx} ran without the kvsurgery rewrite (the forward was not captured by Dynamo; "
         "is TORCHDYNAMO_DISABLE set, or was the model called through its class instead of the instance?). "
@@ -27,7 +34,7 @@ def kv_update(k: Tensor, v: Tensor, store: list[Tensor], layer_idx: int, prefill
 
 
 @kv_update.register_fake
-def _(k, v, store, layer_idx, prefill):
+def _(k, v, store, names, layer_idx, prefill):
     return k.new_empty(k.shape), v.new_empty(v.shape)
 
 

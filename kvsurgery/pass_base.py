@@ -19,6 +19,7 @@ from torch import fx
 from kvsurgery.fx_utils import op_name
 from kvsurgery.ops import STORE_MUTATES
 from kvsurgery.sites import AttentionSite, SiteMatch
+from kvsurgery.store import Plane
 
 PHASES = ("score", "budget", "select", "quant", "attend")
 
@@ -74,6 +75,7 @@ class PlanState:
     eviction: Eviction | None
     keep: list[int] = field(default_factory=list)
     room: int = 0
+    planes: list[Plane] = field(default_factory=list)  # extra per-slot store tensors (see store.Plane)
 
 
 @dataclass

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 
 from kvsurgery.errors import RecipeError
 from kvsurgery.pass_base import PHASES, Pass
-
-BUILTIN_MODULES = ("full", "uniform", "snapkv", "pyramidkv", "adakv", "h2o", "streaming", "select", "attend")
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _loaded = False
@@ -29,11 +28,13 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtins() -> None:
+    """Import every module of `kvsurgery.passes` once (each registers its pass)."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(f"kvsurgery.passes.{module}")
+        package = importlib.import_module("kvsurgery.passes")
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"kvsurgery.passes.{module.name}")
 
 
 def get(name: str) -> type[Pass]:

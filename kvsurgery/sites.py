@@ -174,7 +174,7 @@ def find_cache_updates(graph: fx.Graph) -> list[fx.Node]:
 
 def _layer_index(module: str, model: torch.nn.Module | None, marker: fx.Node | None) -> int:
     if marker is not None:
-        return int(marker.args[3])
+        return int(marker.args[4])
     if model is not None:
         try:
             idx = getattr(model.get_submodule(module), "layer_idx", None)

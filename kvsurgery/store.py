@@ -8,14 +8,30 @@ appends overwrite slots in place. The store is a transformers `Cache`, so `gener
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from kvsurgery import ops  # noqa: F401  (registers torch.ops.kvsurgery)
+from kvsurgery import ops
 from kvsurgery.errors import CacheCapacityError, KVSurgeryError
+
+CORE_TENSORS = ops.STORE_MUTATES
+
+
+@dataclass(frozen=True)
+class Plane:
+    """An extra per-slot tensor a pass adds to a layer's store: [B, slots // slots_per_row, *shape] of `dtype`.
+
+    E.g. Double Sparsity's label cache ("labels", (r,), bf16) or packed low-bit codes ("k_codes", (D // 8,), uint8).
+    `slots_per_row` > 1 stores one row per group of slots (e.g. per-group quantization scales).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    slots_per_row: int = 1
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,7 @@ class LayerPlan:
     v_head_dim: int
     sliding_window: int | None = None
     score_slots: bool = False  # keep a per-slot score (H2O accumulated attention, recency)
+    planes: tuple[Plane, ...] = field(default_factory=tuple)
 
     @property
     def n_kv_heads(self) -> int:
@@ -43,10 +60,10 @@ class LayerPlan:
     def max_segment(self) -> int:
         return max(self.keep) + self.room
 
-    def bytes_per_slot(self, dtype: torch.dtype) -> int:
-        """Bytes one slot costs: key + value + position (+ score)."""
-        item = torch.empty((), dtype=dtype).element_size()
-        return item * (self.head_dim + self.v_head_dim) + 4 + (4 if self.score_slots else 0)
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Names of the store tensors, in the order the marker carries them."""
+        return CORE_TENSORS + tuple(p.name for p in self.planes)
 
 
 class StoreLayer:
@@ -67,13 +84,18 @@ class StoreLayer:
         self.start = (seg.cumsum(0) - seg).expand(batch, n_kv).contiguous().to(torch.int32)
         self.length = torch.zeros(batch, n_kv, dtype=torch.int32, device=device)
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.planes = {
+            p.name: torch.zeros(batch, -(-n_slots // p.slots_per_row), *p.shape, dtype=p.dtype, device=device)
+            for p in plan.planes
+        }
         if not torch.compiler.is_compiling():
             for t in self.tensors():
                 torch._dynamo.mark_static_address(t)
 
     def tensors(self) -> list[Tensor]:
-        """In the order of `kvsurgery.ops.STORE_MUTATES`."""
-        return [self.k, self.v, self.pos, self.slot_score, self.keep, self.cap, self.start, self.length, self.seen]
+        """Core tensors (in `CORE_TENSORS` order, the order the core ops take them), then the extra planes."""
+        core = [self.k, self.v, self.pos, self.slot_score, self.keep, self.cap, self.start, self.length, self.seen]
+        return core + list(self.planes.values())
 
     @property
     def nbytes(self) -> int:
@@ -127,8 +149,11 @@ class KVStore(Cache):
 
     # -- what transformers calls ---------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        store = self.layers[layer_idx].tensors()
-        return torch.ops.kvsurgery.kv_update(key_states, value_states, store, layer_idx, not self.prefilled)
+        layer = self.layers[layer_idx]
+        names = ",".join(layer.plan.tensor_names)
+        return torch.ops.kvsurgery.kv_update(
+            key_states, value_states, layer.tensors(), names, layer_idx, not self.prefilled
+        )
 
     def get_seq_length(self, layer_idx: int = 0):
         """Tokens seen so far (a 0-d tensor, so decode steps never recompile); positions keep counting them."""
