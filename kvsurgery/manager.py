@@ -211,7 +211,8 @@ def build_recipe(text: str, budget=None, **options) -> Recipe:
     if "scores" in provided and "budget" not in provided:
         passes.append(_instantiate(registry.get("uniform"), {}))
         added.append("uniform (the same budget for every layer and KV head)")
-    passes += [registry.core(name)() for name in CORE_PASSES]
+    provided = set().union(*(p.provides for p in passes))
+    passes += [core for name in CORE_PASSES if not (core := registry.core(name)()).provides & provided]
     order = {id(p): i for i, p in enumerate(passes)}
     passes.sort(key=lambda p: (PHASES.index(p.phase), order[id(p)]))
 
