@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from kvsurgery.budget import Budget
 from kvsurgery.capture import check_causal_lm, discover
-from kvsurgery.errors import KVSurgeryError
+from kvsurgery.errors import BudgetError, KVSurgeryError
 from kvsurgery.manager import build_recipe, check_sites
 from kvsurgery.runtime import Surgery
 from kvsurgery.store import KVStore
@@ -39,11 +40,21 @@ def apply(
         raise KVSurgeryError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     built = build_recipe(recipe, budget, **options)
     check_causal_lm(model)
+    _check_budget_fits(model, built.budget)
     found = discover(model)
     check_sites(built, found.sites)
     surgery = Surgery(model, built, found.sites, found.op_counts, compile, max_new_tokens)
     surgery.install()
     return model
+
+
+def _check_budget_fits(model: torch.nn.Module, budget: Budget | None) -> None:
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if budget is not None and budget.tokens is not None and limit and budget.tokens > limit:
+        raise BudgetError(
+            f"budget {budget.tokens} exceeds the model's context length of {limit} tokens; "
+            f"use a budget <= {limit} (or a fraction of the prompt, e.g. budget=0.2)"
+        )
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:

@@ -52,16 +52,40 @@ class Recipe:
         return "+".join(p.spec() for p in self.passes if not p.core)
 
     # -- static planning ----------------------------------------------------------------------------
-    def plan(self, sites: list[AttentionSite], prompt_len: int, max_new_tokens: int) -> list[LayerPlan]:
-        """The store layout for a prompt of `prompt_len` tokens (per layer, per KV head)."""
+    def plan(self, sites: list[AttentionSite], row_lengths: list[int], max_new_tokens: int) -> list[LayerPlan]:
+        """The store layout for a batch whose rows hold `row_lengths` prompt tokens (per layer, KV head, row)."""
+        per_length = {n: self._plan_rows(sites, n, max_new_tokens) for n in sorted(set(row_lengths))}
+        plans = []
+        for i, site in enumerate(sites):
+            states = [per_length[n][i] for n in row_lengths]
+            rows = tuple(tuple(state.keep) for state in states)
+            first = states[0]
+            plans.append(
+                LayerPlan(
+                    layer=site.layer,
+                    keep=tuple(max(column) for column in zip(*rows, strict=True)),
+                    room=first.room,
+                    evict=first.eviction is not None,
+                    head_dim=site.head_dim,
+                    v_head_dim=site.v_head_dim,
+                    sliding_window=site.sliding_window,
+                    score_slots=first.eviction is not None and first.eviction.by_score,
+                    planes=tuple(first.planes),
+                    row_keep=rows if len(set(rows)) > 1 else None,
+                )
+            )
+        return plans
+
+    def _plan_rows(self, sites: list[AttentionSite], prompt_len: int, max_new_tokens: int) -> list[PlanState]:
+        """Each pass's static decisions for one row length, per layer."""
         budget = self.budget.resolve(prompt_len) if self.budget is not None else None
         if budget is not None and budget < self.selection.sinks + self.selection.window:
             raise BudgetError(
-                f"budget {self.budget} is {budget} tokens for this {prompt_len}-token prompt, below the "
+                f"budget {self.budget} is {budget} tokens for a {prompt_len}-token prompt, below the "
                 f"{self.selection.sinks} sinks + {self.selection.window}-token window that are always kept; "
-                "raise the budget or lower the window (e.g. snapkv(window=8))"
+                f"raise the budget or lower the scoring pass's window (window={max(1, budget - self.selection.sinks)})"
             )
-        plans = []
+        states = []
         for site in sites:
             state = PlanState(
                 site=site,
@@ -75,20 +99,8 @@ class Recipe:
             )
             for p in self.passes:
                 p.plan_layer(state)
-            plans.append(
-                LayerPlan(
-                    layer=site.layer,
-                    keep=tuple(state.keep),
-                    room=state.room,
-                    evict=state.eviction is not None,
-                    head_dim=site.head_dim,
-                    v_head_dim=site.v_head_dim,
-                    sliding_window=site.sliding_window,
-                    score_slots=state.eviction is not None and state.eviction.by_score,
-                    planes=tuple(state.planes),
-                )
-            )
-        return plans
+            states.append(state)
+        return states
 
     # -- graph rewriting ----------------------------------------------------------------------------
     def rewrite(self, gm: fx.GraphModule, sites: dict[int, AttentionSite]) -> GraphReport:
@@ -233,7 +245,7 @@ def build_recipe(text: str, budget=None, **options) -> Recipe:
         if parsed_budget.tokens < floor:
             raise BudgetError(
                 f"budget {parsed_budget.tokens} is below the {selection.sinks} sinks + {selection.window}-token "
-                f"window that are always kept; use budget >= {floor} or a smaller window (e.g. snapkv(window=8))"
+                f"window that are always kept; use budget >= {floor} or a smaller window"
             )
     recipe = Recipe(passes, parsed_budget, selection, eviction, added)
     for p in passes:

@@ -113,6 +113,12 @@ def recency_scores(k: Tensor) -> Tensor:
     return torch.arange(t, dtype=torch.float32, device=k.device).expand(b, n_kv, t).contiguous()
 
 
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores along the last axis; ties go to the earliest token (a stable sort), so
+    the choice does not depend on padding or kernel order (max-pooled scores tie often)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def forced_keep(valid: Tensor, sinks: int, window: int) -> Tensor:
     """Tokens always kept [B, T]: the first `sinks` and the last `window` valid tokens of each row."""
     rank = valid.long().cumsum(-1) - 1
@@ -133,32 +139,34 @@ def largest_remainder(target: Tensor, total: Tensor) -> Tensor:
 def adakv_budgets(
     scores: Tensor, mask: Tensor | None, keep: Tensor, sinks: int, window: int, floor: float, normalize: bool
 ) -> Tensor:
-    """Ada-KV per-head budgets [B, Hkv] (int32, each including sinks + window); rows keep the planned total.
+    """Ada-KV per-head budgets [B, Hkv] (int32, each including sinks + window); each row keeps its planned total.
 
-    The planned `keep` fixes the layer's total. Its selectable part b = budget - sinks - window per head is
-    shared across the layer's KV heads: a global top (Hkv * b) over all heads decides each head's share, then
-    a floor of `floor * b` is mixed in.
+    Per row, the planned `keep` fixes the layer's total; its selectable part b = budget - sinks - window per
+    head is shared across the layer's KV heads: a global top (Hkv * b) over all heads decides each head's
+    share, then a floor of `floor * b` is mixed in.
     """
-    b_sz, n_kv, t = scores.shape
-    budget = int(keep[0].sum()) // n_kv
+    valid = valid_keys(mask, scores.shape[-1], scores.shape[0]).to(scores.device)
+    rows = [_adakv_row(scores[b], valid[b], keep[b], sinks, window, floor, normalize) for b in range(scores.shape[0])]
+    return torch.stack(rows).to(torch.int32)
+
+
+def _adakv_row(scores, valid, keep, sinks, window, floor, normalize) -> Tensor:
+    n_kv, t = scores.shape
+    budget = int(keep.sum()) // n_kv
     selectable = budget - sinks - window
-    if selectable <= 0 or budget >= t:
+    if selectable <= 0 or budget >= int(valid.sum()):
         return keep.clone()  # nothing to share: every head already keeps all it can
-    valid = valid_keys(mask, t, b_sz).to(scores.device)
-    candidate = valid & ~forced_keep(valid, sinks, window)
-    s = scores.float().masked_fill(~candidate[:, None], NEG_INF)
+    candidate = valid & ~forced_keep(valid[None], sinks, window)[0]
+    s = scores.float().masked_fill(~candidate, NEG_INF)
     if normalize:
-        finite = s.masked_fill(~candidate[:, None], 0.0)
+        finite = s.masked_fill(~candidate, 0.0)
         top = finite.topk(min(selectable, t), dim=-1).values.sum(-1)
-        s = s * (top / finite.sum(-1).clamp_min(1e-12))[..., None]
-    n_pick = min(n_kv * selectable, n_kv * t)
-    picked = s.reshape(b_sz, -1).topk(n_pick, dim=-1).indices // t
-    counts = torch.zeros(b_sz, n_kv, device=scores.device).scatter_add_(
-        1, picked, torch.ones_like(picked, dtype=torch.float32)
-    )
+        s = s * (top / finite.sum(-1).clamp_min(1e-12))[:, None]
+    picked = top_indices(s.reshape(-1), n_kv * selectable) // t
+    counts = torch.bincount(picked, minlength=n_kv).float()
     mixed = floor * selectable + (1.0 - floor) * counts
-    total = torch.full((b_sz,), float(n_kv * selectable), device=scores.device)
-    return (largest_remainder(mixed, total) + sinks + window).to(torch.int32)
+    total = torch.tensor([float(n_kv * selectable)], device=scores.device)
+    return largest_remainder(mixed[None], total)[0] + sinks + window
 
 
 def _segment_slots(start: Tensor, width: int, n_slots: int) -> tuple[Tensor, Tensor]:
@@ -207,7 +215,7 @@ def select_compact_(
     prio = prio.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], NEG_INF)
     width = int(min(t, budget.max().item())) if budget.numel() else 0
     count = torch.minimum(budget, valid.sum(-1, keepdim=True)).clamp_min(0)
-    idx = prio.topk(width, dim=-1).indices
+    idx = top_indices(prio, width)
     j = torch.arange(width, device=k.device)
     taken = j < count[..., None]
     idx = torch.where(taken, idx, t).sort(dim=-1).values

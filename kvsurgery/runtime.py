@@ -72,8 +72,8 @@ class Surgery:
         return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cudagraphs})
 
     # -- store side ---------------------------------------------------------------------------------
-    def plan(self, prompt_len: int, max_new_tokens: int) -> list[LayerPlan]:
-        return self.recipe.plan(self.sites, prompt_len, max_new_tokens)
+    def plan(self, row_lengths: list[int], max_new_tokens: int) -> list[LayerPlan]:
+        return self.recipe.plan(self.sites, row_lengths, max_new_tokens)
 
     def dtype_of(self, layer: int) -> torch.dtype:
         return self._params[layer].dtype
@@ -97,7 +97,7 @@ class Surgery:
         inputs = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
         batch, new_tokens = inputs.shape[:2]
         if not store.prefilled:
-            store.allocate(batch, new_tokens)
+            store.allocate(batch, new_tokens, _row_lengths(call.get("attention_mask"), batch, new_tokens))
             self.last_store = store
         else:
             store.check_room(new_tokens)
@@ -161,6 +161,13 @@ class Surgery:
     def uninstall(self) -> None:
         for name in ("forward", "generate", "_kvsurgery"):
             self.model.__dict__.pop(name, None)
+
+
+def _row_lengths(mask, batch: int, width: int) -> list[int]:
+    """Prompt tokens per row (padding excluded), from a 2D attention mask; every row is full without one."""
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        return [int(n) for n in mask.sum(-1).tolist()]
+    return [width] * batch
 
 
 def _delegate(method, like):

@@ -39,7 +39,7 @@ class LayerPlan:
     """Static allocation of one layer: per-KV-head prefill budgets, decode room and eviction policy."""
 
     layer: int
-    keep: tuple[int, ...]  # tokens kept per KV head at prefill (sinks + window included)
+    keep: tuple[int, ...]  # tokens kept per KV head at prefill (sinks + window included); the max over rows
     room: int  # slots per head for decoded tokens; 0 when decoding evicts instead
     evict: bool  # evict one token per step when a segment is full
     head_dim: int
@@ -47,6 +47,7 @@ class LayerPlan:
     sliding_window: int | None = None
     score_slots: bool = False  # keep a per-slot score (H2O accumulated attention, recency)
     planes: tuple[Plane, ...] = field(default_factory=tuple)
+    row_keep: tuple[tuple[int, ...], ...] | None = None  # per batch row when rows differ (own prompt length)
 
     @property
     def n_kv_heads(self) -> int:
@@ -77,11 +78,10 @@ class StoreLayer:
         self.pos = torch.full((batch, n_slots), -1, dtype=torch.int32, device=device)
         shape = (batch, n_slots) if plan.score_slots else (0,)
         self.slot_score = torch.zeros(shape, dtype=torch.float32, device=device)
-        keep = torch.tensor(plan.keep, dtype=torch.int32, device=device)
-        seg = keep + plan.room
-        self.keep = keep.expand(batch, n_kv).contiguous()
-        self.cap = seg.expand(batch, n_kv).contiguous()
-        self.start = (seg.cumsum(0) - seg).expand(batch, n_kv).contiguous().to(torch.int32)
+        rows = plan.row_keep if plan.row_keep is not None else (plan.keep,) * batch
+        self.keep = torch.tensor(rows, dtype=torch.int32, device=device)
+        self.cap = self.keep + plan.room
+        self.start = (self.cap.cumsum(-1) - self.cap).to(torch.int32)
         self.length = torch.zeros(batch, n_kv, dtype=torch.int32, device=device)
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
         self.planes = {
@@ -118,8 +118,9 @@ class KVStore(Cache):
         self.decoded = 0
 
     # -- allocation and bookkeeping (outside the compiled graph) -------------------------------------
-    def allocate(self, batch: int, prompt_len: int) -> None:
-        plans = self.surgery.plan(prompt_len, self.max_new_tokens)
+    def allocate(self, batch: int, prompt_len: int, row_lengths: list[int] | None = None) -> None:
+        """Allocate for a prompt batch; `row_lengths` (tokens without padding) let each row get its own budget."""
+        plans = self.surgery.plan(row_lengths or [prompt_len] * batch, self.max_new_tokens)
         self.prompt_len = prompt_len
         self.layers = [
             StoreLayer(plan, batch, self.surgery.dtype_of(plan.layer), self.surgery.device_of(plan.layer))

@@ -31,14 +31,14 @@ def test_safetensors_round_trip(tmp_path, model):
     art.tensors = {"channels": torch.arange(12, dtype=torch.int32).view(3, 4)}
     path = save(art, tmp_path / "channels.safetensors")
     assert torch.equal(load(path, "headkv", model).tensors["channels"], art.tensors["channels"])
-    with pytest.raises(CalibrationError, match="must be saved as .safetensors"):
+    with pytest.raises(CalibrationError, match=r"must be saved as \.safetensors"):
         save(art, tmp_path / "channels.json")
 
 
 def test_another_model_is_refused(tmp_path, model):
     path = save(_artefact(model), tmp_path / "scores.json")
     other_weights = tiny_model("llama", seed=1)
-    with pytest.raises(CalibrationError, match="made for another model.*fingerprint"):
+    with pytest.raises(CalibrationError, match=r"made for another model.*fingerprint"):
         load(path, "headkv", other_weights)
     other_shape = tiny_model("llama", layers=3)
     with pytest.raises(CalibrationError, match="n_layers: 2 vs 3"):
