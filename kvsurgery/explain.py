@@ -93,15 +93,23 @@ def _store_lines(expl: Explanation) -> list[str]:
     if store is None or not store.layers:
         return ["cache: no store allocated yet"]
     mib = 2.0**20
-    layer = store.layers[0]
-    plans = [lay.plan for lay in store.layers]
-    keeps = sorted({k for p in plans for k in p.keep})
-    keep_text = f"{keeps[0]}" if len(keeps) == 1 else f"{keeps[0]}..{keeps[-1]}"
+    plans = [layer.plan for layer in store.layers]
     lines = [
-        f"cache: {expl.store_bytes / mib:.2f} MiB allocated (batch {layer.k.shape[0]}, {len(plans)} layers, "
-        f"kept per KV head at prefill: {keep_text} tokens, decode room {plans[0].room}, "
-        f"decode eviction: {'yes' if plans[0].evict else 'no'})"
+        f"cache: {expl.store_bytes / mib:.2f} MiB allocated (batch {store.layers[0].k.shape[0]}, "
+        f"prompt {store.prompt_len} tokens, {len(plans)} layers)"
     ]
+    groups: dict[str, list[int]] = {}
+    for plan in plans:
+        keeps = sorted(set(plan.keep))
+        kept = f"{keeps[0]}" if len(keeps) == 1 else f"{keeps[0]}..{keeps[-1]}"
+        if plan.sliding_window:
+            policy = f"sliding window {plan.sliding_window}: at most {kept} tokens per KV head, oldest evicted"
+        elif plan.evict:
+            policy = f"{kept} tokens per KV head, one evicted per decoded token"
+        else:
+            policy = f"{kept} tokens per KV head kept at prefill + room for {plan.room} decoded tokens"
+        groups.setdefault(policy, []).append(plan.layer)
+    lines += [f"  {_layers(layers)}: {policy}" for policy, layers in groups.items()]
     full = expl.uncompressed_bytes()
     if full:
         lines.append(

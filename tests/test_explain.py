@@ -20,7 +20,8 @@ def test_explain_before_and_after_running():
     assert "layers 0-1: snapkv: kvsurgery.score_window; select: kvsurgery.select_compact_" in text
     assert "layers 0-1: select: kvsurgery.append_; attend: kvsurgery.attend" in text
     assert "'kvsurgery.attend': 2" in text and "decode graph" in text
-    assert "MiB allocated (batch 2, 2 layers" in text
+    assert "MiB allocated (batch 2, prompt 30 tokens, 2 layers)" in text
+    assert "kept at prefill + room for 3 decoded tokens" in text
     assert "an uncompressed cache of the same tokens" in text
     explanation = kvsurgery.explain(model)
     assert explanation.store_bytes < explanation.uncompressed_bytes()

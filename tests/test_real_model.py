@@ -50,3 +50,23 @@ def test_full_is_token_identical_and_snapkv_keeps_the_passkey(smollm2):
         assert int(store.layers[0].keep[0, 0]) == -(-prompt.shape[1] // 5)  # ceil(20% of the prompt)
     finally:
         kvsurgery.restore(model)
+
+
+def test_gemma3_sliding_layers_are_exact_and_compressed_runs_find_the_passkey(gemma3):
+    """Real hybrid model: 512-token sliding layers + global layers, a prompt longer than the window."""
+    model, tokenizer = gemma3
+    key = random.Random(2).randint(10000, 99999)
+    prompt = tokenizer(passkey_prompt(key, repeats=40, depth=0.3), return_tensors="pt").input_ids
+    assert prompt.shape[1] > model.config.sliding_window
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    kvsurgery.apply(model, "full")
+    try:
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected)
+    finally:
+        kvsurgery.restore(model)
+    kvsurgery.apply(model, "pyramidkv", budget=0.2)
+    try:
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        assert str(key) in tokenizer.decode(out[0, prompt.shape[1] :])
+    finally:
+        kvsurgery.restore(model)
