@@ -47,7 +47,8 @@ class Selection:
 class Eviction:
     """Decode-time eviction: when a segment is full, one unprotected token leaves per step.
 
-    Protected: the `sinks` earliest and the `window` most recent tokens. The victim is the lowest slot score
+    Protected when a new token arrives: the `sinks` earliest and the `window` most recent cached tokens (so
+    `window` + 1 recent tokens remain after the step). The victim is the lowest slot score
     (`by_score`) or the oldest. New tokens start at score `score_new` ("position" or "zero"); `accumulate`
     adds each step's attention to the slot scores (H2O).
     """

@@ -1,8 +1,10 @@
 """A pass registered by a user plugs into recipes and composes with the built-ins, no core edit needed."""
 
+import pytest
 import torch
 
 import kvsurgery
+from kvsurgery.errors import RecipeError
 from kvsurgery.pass_base import Pass, Selection, SiteRewrite
 from kvsurgery.testing import greedy, left_padded_batch, tiny_model
 
@@ -40,3 +42,19 @@ def test_user_pass_runs_and_composes():
     assert [layer.plan.keep[0] for layer in store.layers] == sorted(
         (layer.plan.keep[0] for layer in store.layers), reverse=True
     )
+
+
+@kvsurgery.register_pass
+class NeedsLabelsTest(Pass):
+    """Test pass requiring a capability no pass provides and with no default."""
+
+    name = "needs_labels_test"
+    phase = "budget"
+    provides = frozenset({"budget"})
+    requires = frozenset({"scores", "channel_labels"})
+    needs_budget = True
+
+
+def test_an_incomplete_recipe_names_what_is_missing():
+    with pytest.raises(RecipeError, match="'needs_labels_test' requires channel_labels but nothing in"):
+        kvsurgery.apply(tiny_model("llama"), "snapkv+needs_labels_test", budget=16)

@@ -69,3 +69,19 @@ def test_decode_eviction_keeps_the_cache_at_fixed_capacity():
     kept = sorted(store.layers[0].pos[0, :10].tolist())
     assert kept == [0, 1, 2, 3, 48, 49, 50, 51, 52, 53]  # 4 sinks + the 6 most recent tokens
     assert store.layers[0].k.dtype == torch.float32
+
+
+def test_decode_window_gives_any_scorer_a_fixed_capacity():
+    model = tiny_model("llama", layers=2)
+    ids, _ = left_padded_batch([30], seed=2)
+    kvsurgery.apply(model, "snapkv(window=4)+decode_window(window=6)", budget=12)
+    greedy(model, ids, new=25)
+    layer = model._kvsurgery.last_store.layers[0]
+    assert layer.plan.room == 0 and layer.plan.keep == (12, 12)
+    for h in range(2):
+        start = int(layer.start[0, h])
+        kept = sorted(layer.pos[0, start : start + 12].tolist())
+        decoded = [p for p in kept if p >= 30]
+        # the 6 tokens cached before the newest one are protected, plus the newest: 7 recent tokens
+        assert decoded == list(range(47, 54)), "only the most recent decoded tokens stay"
+        assert len([p for p in kept if p < 30]) == 5, "the best-scored prompt tokens fill the rest"
