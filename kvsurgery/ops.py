@@ -209,3 +209,9 @@ def attend_accumulate_(
 @attend_accumulate_.register_fake
 def _(q, k_store, v_store, pos, slot_score, start, length, seen, scale, window):
     return torch.empty_like(q)
+
+
+# The Triton kernels become the CUDA implementations of the decode ops (CPU keeps the reference above).
+from kvsurgery.kernels import register_cuda_kernels  # noqa: E402
+
+register_cuda_kernels()
