@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 from kvsurgery.errors import KVSurgeryError
 from kvsurgery.fx_utils import own_code_copy
 from kvsurgery.manager import GraphReport, Recipe
+from kvsurgery.read_order import snapshot_early_reads
 from kvsurgery.sites import AttentionSite
 from kvsurgery.store import KVStore, LayerPlan
 
@@ -68,6 +69,8 @@ class Surgery:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
+        if snapshot_early_reads(gm.graph):
+            gm.recompile()
         cudagraphs = report.phase == "decode" and torch.cuda.is_available()
         return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cudagraphs})
 
