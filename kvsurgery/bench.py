@@ -1,0 +1,391 @@
+"""`kvsurgery bench`: decode speed and memory of recipes on a model shape, against HF's full cache in the same run.
+
+For every context x batch it times `generate()` (random weights, random prompt, greedy, a fixed number of new
+tokens, after one warm-up call that compiles) for HF's full static cache (with generate's automatic compile on
+CUDA), for each recipe through kvsurgery (compile=True on CUDA), and for kvpress SnapKV when a separate
+environment with kvpress is given. It reports prefill s, decode ms/token, tokens/s, peak GiB, cache GiB, the
+bandwidth floor (bytes a decode step must read: weights + cache, over the measured device copy bandwidth) and
+the speed-up over HF; prints a table and writes JSON. `--attention` benchmarks the decode-attention kernel alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kvsurgery.errors import BudgetError, KVSurgeryError, RecipeError
+
+GIB = 2**30
+SHAPES = {
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=131072,
+    ),
+}
+DEFAULT_RECIPES = "full,snapkv,headkv,kivi2,headkv+quant1bit"
+
+
+@dataclass
+class Row:
+    engine: str  # "hf", "kvsurgery" or "kvpress"
+    recipe: str
+    context: int
+    batch: int
+    status: str = "ok"  # ok | skipped | failed | oom
+    reason: str = ""
+    prefill_s: float | None = None
+    decode_ms: float | None = None
+    tokens_per_s: float | None = None
+    peak_gib: float | None = None
+    cache_gib: float | None = None
+    floor_ms: float | None = None
+    of_floor: float | None = None  # floor_ms / decode_ms: 1.0 would be at the bandwidth floor
+    vs_hf: float | None = None  # HF full-cache decode ms / this decode ms, same context and batch
+
+
+def _tokens(text: str) -> list[int]:
+    """'16K,64K,300' -> [16384, 65536, 300]."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        scale = 1024 if item[-1] in "kK" else 1
+        out.append(int(item.rstrip("kK")) * scale)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES), help="model shape (random weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU unless given")
+    parser.add_argument("--contexts", default="16K,64K", help="prompt lengths, comma separated (K = 1024)")
+    parser.add_argument("--batch", default="1,16", help="batch sizes, comma separated")
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help="kvsurgery recipes, comma separated")
+    parser.add_argument("--budget", type=float, default=0.1, help="fraction of the prompt kept (recipes with a budget)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per timed call")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF's full-cache baseline")
+    parser.add_argument("--kvpress-python", default=None, help="python of a venv with kvpress (transformers<5.3)")
+    parser.add_argument("--attention", action="store_true", help="benchmark the decode-attention kernel alone")
+    parser.add_argument("--out", default="kvsurgery-bench.json", help="JSON results file")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# -- measurement ------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Measured device copy bandwidth in bytes/s (bytes read + bytes written per second)."""
+    nbytes = nbytes or (1 * GIB if device.type == "cuda" else 64 * 2**20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+class _StepClock:
+    """A logits processor that timestamps every generation step (after the device finished it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, float, object]:
+    """(prefill seconds, decode ms per step, generate output) of one greedy generate call."""
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock(ids.device)
+    _sync(ids.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    steps = clock.stamps
+    decode_ms = (steps[-1] - steps[0]) / (len(steps) - 1) * 1e3 if len(steps) > 1 else float("nan")
+    return steps[0] - start, decode_ms, out
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
+    """A Llama-architecture causal LM of the named shape with random weights, on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def weight_bytes_per_step(model) -> int:
+    """Parameter bytes a decode step reads: all weights except an untied input embedding (only B rows are read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    if embed is not model.get_output_embeddings().weight:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _measure(row: Row, run_once, device: torch.device, floor_bytes_of, bandwidth: float) -> None:
+    """Warm up (compiles), then time one call; fill the row's numbers."""
+    run_once()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill_s, decode_ms, cache_bytes = run_once()
+    row.prefill_s, row.decode_ms = prefill_s, decode_ms
+    row.tokens_per_s = row.batch * 1e3 / decode_ms
+    row.cache_gib = cache_bytes / GIB
+    if device.type == "cuda":
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
+    row.floor_ms = floor_bytes_of(cache_bytes) / bandwidth * 1e3
+    row.of_floor = row.floor_ms / decode_ms
+
+
+def _release(device: torch.device) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _guarded(row: Row, device: torch.device, body) -> Row:
+    """Run a measurement; an out-of-memory or a kvsurgery error becomes the row's status, not a crash."""
+    try:
+        body()
+    except torch.OutOfMemoryError as exc:
+        row.status, row.reason = "oom", str(exc).splitlines()[0]
+    except (KVSurgeryError, ValueError) as exc:
+        row.status, row.reason = "failed", str(exc)
+    finally:
+        _release(device)
+    return row
+
+
+def _budget_for(recipe: str, budget: float) -> float | None:
+    """The budget a recipe takes: `budget`, or None for recipes that keep everything (e.g. 'full')."""
+    from kvsurgery.manager import build_recipe
+
+    try:
+        build_recipe(recipe, budget)
+        return budget
+    except BudgetError as first:
+        try:
+            build_recipe(recipe, None)
+            return None
+        except BudgetError:
+            raise first from None
+
+
+def _unregistered(recipe: str) -> str | None:
+    """Why a recipe cannot be built in this installation (a pass not registered yet), or None."""
+    from kvsurgery import registry
+    from kvsurgery.recipe import parse
+
+    for spec in parse(recipe):
+        try:
+            registry.get(spec.name)
+        except RecipeError as exc:
+            return f"pass '{spec.name}' is not registered in this installation ({exc})"
+    return None
+
+
+def hf_row(model, ids, args, device, floor, bandwidth) -> Row:
+    row = Row("hf", "full (static cache)", ids.shape[1], ids.shape[0])
+
+    def once():
+        prefill, decode, out = timed_generate(model, ids, args.new_tokens, cache_implementation="static")
+        return prefill, decode, _cache_bytes(out.past_key_values)
+
+    return _guarded(row, device, lambda: _measure(row, once, device, floor, bandwidth))
+
+
+def surgery_row(model, ids, recipe: str, args, device, floor, bandwidth, compile: bool) -> Row:
+    import kvsurgery
+
+    row = Row("kvsurgery", recipe, ids.shape[1], ids.shape[0])
+    reason = _unregistered(recipe)
+    if reason:
+        row.status, row.reason = "skipped", reason
+        return row
+
+    def body():
+        kvsurgery.apply(model, recipe, _budget_for(recipe, args.budget), compile=compile)
+        try:
+
+            def once():
+                prefill, decode, _ = timed_generate(model, ids, args.new_tokens)
+                return prefill, decode, model._kvsurgery.last_store.nbytes
+
+            _measure(row, once, device, floor, bandwidth)
+        finally:
+            kvsurgery.restore(model)
+
+    return _guarded(row, device, body)
+
+
+def kvpress_row(args, context: int, batch: int, dtype: torch.dtype, bandwidth: float, weights: int) -> Row:
+    """kvpress SnapKV at the same compression, run by the python of a separate venv (it pins transformers<5.3)."""
+    row = Row("kvpress", f"SnapKVPress(compression_ratio={1 - args.budget:g})", context, batch)
+    if not args.kvpress_python:
+        row.status = "skipped"
+        row.reason = "kvpress pins transformers<5.3: install it in a separate venv and pass --kvpress-python"
+        return row
+    script = pathlib.Path(__file__).with_name("bench_kvpress.py")
+    job = dict(
+        config=SHAPES[args.shape], context=context, batch=batch, device=args.device, dtype=str(dtype).split(".")[-1],
+        compression_ratio=1 - args.budget, new_tokens=args.new_tokens, seed=args.seed,
+    )  # fmt: skip
+    proc = subprocess.run([args.kvpress_python, str(script), json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        row.status, row.reason = "failed", (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return row
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    row.prefill_s, row.decode_ms, row.peak_gib = result["prefill_s"], result["decode_ms"], result["peak_gib"]
+    row.cache_gib = result["cache_bytes"] / GIB
+    row.tokens_per_s = batch * 1e3 / row.decode_ms
+    row.floor_ms = (weights + result["cache_bytes"]) / bandwidth * 1e3
+    row.of_floor = row.floor_ms / row.decode_ms
+    return row
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[Row]) -> str:
+    head = ("engine", "recipe", "ctx", "B", "prefill s", "ms/tok", "tok/s", "peak GiB", "cache GiB", "floor ms",
+            "of floor", "vs HF")  # fmt: skip
+    lines = [head]
+    for r in rows:
+        if r.status != "ok":
+            lines.append((r.engine, r.recipe, str(r.context), str(r.batch), f"{r.status}: {r.reason}"))
+            continue
+        lines.append((r.engine, r.recipe, str(r.context), str(r.batch), _fmt(r.prefill_s, ".2f"),
+                      _fmt(r.decode_ms, ".2f"), _fmt(r.tokens_per_s, ".1f"), _fmt(r.peak_gib, ".2f"),
+                      _fmt(r.cache_gib, ".4f"), _fmt(r.floor_ms, ".3f"), _fmt(r.of_floor, ".2f"),
+                      _fmt(r.vs_hf, ".2f")))  # fmt: skip
+    widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) == len(head)) for i in range(len(head))]
+    out = []
+    for line in lines:
+        cells = [c.ljust(w) for c, w in zip(line, widths, strict=False)] if len(line) == len(head) else list(line)
+        out.append("| " + " | ".join(cells) + " |")
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kvsurgery bench: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    contexts, batches = _tokens(args.contexts), _tokens(args.batch)
+    bandwidth = copy_bandwidth(device)
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__, shape=args.shape, dtype=str(dtype), budget=args.budget,
+        new_tokens=args.new_tokens, copy_bandwidth_gbps=bandwidth / 1e9, command=" ".join(sys.argv),
+    )  # fmt: skip
+    print(f"kvsurgery bench: {meta['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, shape {args.shape} {dtype}")
+    if args.attention:
+        from kvsurgery.bench_attention import attention_rows
+
+        results = attention_rows(args.shape, contexts, batches, device, dtype, bandwidth)
+        for result in results:
+            if result["status"] != "ok":
+                print(f"attention kernel: {result['status']}: {result['reason']}")
+        _write(args.out, meta, results)
+        return 0
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    model = random_model(args.shape, device, dtype, args.seed)
+    weights = weight_bytes_per_step(model)
+    meta["weight_bytes_per_step"] = weights
+
+    def floor(cache_bytes: int) -> int:
+        return weights + cache_bytes
+
+    rows: list[Row] = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for context in contexts:
+        for batch in batches:
+            ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=gen).to(device)
+            group = []
+            if not args.no_hf:
+                group.append(hf_row(model, ids, args, device, floor, bandwidth))
+            for recipe in filter(None, (r.strip() for r in args.recipes.split(","))):
+                group.append(surgery_row(model, ids, recipe, args, device, floor, bandwidth, compile))
+            group.append(kvpress_row(args, context, batch, dtype, bandwidth, weights))
+            hf = next((r for r in group if r.engine == "hf" and r.status == "ok"), None)
+            for r in group:
+                if hf is not None and r.decode_ms:
+                    r.vs_hf = hf.decode_ms / r.decode_ms
+                print(table([r]).splitlines()[-1], flush=True)
+            rows += group
+    print(table(rows))
+    _write(args.out, meta, [asdict(r) for r in rows])
+    return 0
+
+
+def _write(path: str, meta: dict, rows: list[dict]) -> None:
+    pathlib.Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {path}")

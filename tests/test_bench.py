@@ -1,0 +1,47 @@
+"""`kvsurgery bench` smoke run on CPU (tiny shape, seconds): every metric is filled, unknown recipes are skipped
+with their reason, the table is printed and the JSON written. CPU timings say nothing about GPU speed."""
+
+import json
+
+from kvsurgery import cli
+from kvsurgery.bench import _tokens
+
+
+def test_bench_smoke_run_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--contexts", "48", "--batch", "1", "--budget", "0.25",
+            "--recipes", "full,snapkv(window=4),nosuchpass", "--new-tokens", "4", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["copy_bandwidth_gbps"] > 0 and data["meta"]["weight_bytes_per_step"] > 0
+    rows = {(r["engine"], r["recipe"]): r for r in data["rows"]}
+    measured = [
+        rows[("hf", "full (static cache)")],
+        rows[("kvsurgery", "full")],
+        rows[("kvsurgery", "snapkv(window=4)")],
+    ]
+    for row in measured:
+        assert row["status"] == "ok", row
+        assert row["prefill_s"] > 0 and row["decode_ms"] > 0 and row["cache_gib"] > 0 and row["floor_ms"] > 0
+        assert abs(row["tokens_per_s"] - 1e3 / row["decode_ms"]) < 1e-6 * row["tokens_per_s"]
+        assert abs(row["of_floor"] - row["floor_ms"] / row["decode_ms"]) < 1e-9
+        assert row["vs_hf"] > 0 and row["peak_gib"] is None  # peak memory is measured on CUDA only
+    assert measured[2]["cache_gib"] < measured[1]["cache_gib"], "snapkv at 25% stores less than full"
+    skipped = rows[("kvsurgery", "nosuchpass")]
+    assert skipped["status"] == "skipped" and "nosuchpass" in skipped["reason"]
+    kvpress = next(r for r in data["rows"] if r["engine"] == "kvpress")
+    assert kvpress["status"] == "skipped" and "--kvpress-python" in kvpress["reason"]
+    printed = capsys.readouterr().out
+    assert "| engine" in printed and "ms/tok" in printed and str(out) in printed
+
+
+def test_attention_benchmark_is_skipped_without_cuda(tmp_path):
+    out = tmp_path / "attention.json"
+    argv = ["bench", "--attention", "--device", "cpu", "--shape", "tiny", "--contexts", "64", "--out", str(out)]
+    assert cli.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "skipped" and "CUDA" in row["reason"]
+
+
+def test_context_lists_accept_k_suffixes():
+    assert _tokens("16K,64k, 300") == [16384, 65536, 300]
