@@ -61,7 +61,7 @@ def _append_kernel(
     BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    b = bh // n_kv
+    b = (bh // n_kv).to(tl.int64)  # 64-bit row offsets: B * S * D can pass 2**31
     h = bh % n_kv
     seen = tl.load(seen_ptr)
     seg_start = tl.load(start_ptr + b * stride_tb + h)

@@ -33,7 +33,8 @@ def _keys_in_block(pos_ptr, row_pos, slot, n_ok, seen, window):
 @triton.jit
 def _load_rows(row_ptr, slot, stride_s, n_ok, d, d_ok):
     """One block of stored vectors [BLOCK_N, D_PAD] (zeros past the piece or the head dim)."""
-    return tl.load(row_ptr + slot[:, None] * stride_s + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    offsets = slot[:, None].to(tl.int64) * stride_s + d[None, :]
+    return tl.load(row_ptr + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -93,7 +94,7 @@ def _split_kernel(
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // n_kv
+    b = (bh // n_kv).to(tl.int64)  # 64-bit row offsets: B * S * D can pass 2**31
     h = bh % n_kv
     seen = tl.load(seen_ptr)
     seg_start, lo, hi = _segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
@@ -201,7 +202,7 @@ def _accumulate_kernel(
     """slot_score[b, slot] += mean over the group of the final attention probability of that slot."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // n_kv
+    b = (bh // n_kv).to(tl.int64)  # 64-bit row offsets: B * S * D can pass 2**31
     h = bh % n_kv
     seen = tl.load(seen_ptr)
     seg_start, lo, hi = _segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
@@ -287,7 +288,7 @@ def decode_attention(
     splits = n_splits or default_splits(b, n_kv, k_store.shape[1], block_n, q.device)
     d_pad = _pow2(d, 16)
     upcast = _INTERPRET or q.dtype == torch.float32
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32 stays exact on GPUs (no TF32)
     o_part = _empty((b * hq * splits * d,), torch.float32, q.device)
     lse_part = _empty((b * hq * splits,), torch.float32, q.device)
     lse = _empty((b * hq,), torch.float32, q.device)
