@@ -78,3 +78,27 @@ def test_reads_before_a_store_mutation_go_through_a_snapshot():
     late = next(n for n in graph.nodes if n.target is operator.mul)
     assert early.args[0] is snap
     assert late.args[0].op == "placeholder" and late.args[0].name == "seen"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_decode_on_cuda_uses_cuda_graphs_and_matches_eager():
+    """On CUDA: the Triton kernels inside Inductor's decode graph, replayed as a CUDA graph (no skips)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=64).cuda()
+    ids, mask = (t.cuda() for t in left_padded_batch([40, 29], seed=5))
+    kvsurgery.apply(model, RECIPE, budget=16)
+    try:
+        eager = _generate(model, ids, mask)
+    finally:
+        kvsurgery.restore(model)
+    torch._dynamo.reset()
+    counters.clear()
+    kvsurgery.apply(model, RECIPE, budget=16, compile=True)
+    try:
+        assert torch.equal(_generate(model, ids, mask), eager)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.equal(_generate(model, ids, mask), eager)
+        assert counters["inductor"].get("cudagraph_skips", 0) == 0, "the decode graph runs as a CUDA graph"
+    finally:
+        kvsurgery.restore(model)
