@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     contexts, batches = _tokens(args.contexts), _tokens(args.batch)
     bandwidth = copy_bandwidth(device)
     meta = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, shape=args.shape, dtype=str(dtype), budget=args.budget,
         new_tokens=args.new_tokens, copy_bandwidth_gbps=bandwidth / 1e9, command=" ".join(sys.argv),
