@@ -1,0 +1,139 @@
+"""`doublesparse`: Double Sparsity (Yang et al., 2024), seed-algorithms section 2.
+
+The store keeps every token (no eviction) plus a label plane. `budget` is k, the tokens each KV head attends to per
+decode step (an int, or a fraction of the prompt). The first `dense_layers` layers, and sliding-window layers, attend
+densely. Prefill attention is the model's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsurgery import sparse_attention
+from kvsurgery.calibration.doublesparse import load_channels
+from kvsurgery.errors import CalibrationError, RecipeError
+from kvsurgery.fx_utils import example
+from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
+from kvsurgery.registry import register_pass
+from kvsurgery.sites import AttentionSite
+from kvsurgery.store import Plane
+
+HOW_TO_CALIBRATE = (
+    "make one with `kvsurgery calibrate doublesparse --model ... --out channels.json` "
+    "(or kvsurgery.calibration.doublesparse.calibrate_model) and pass calibration='channels.json'"
+)
+
+
+@register_pass
+class DoubleSparsity(Pass):
+    """Double Sparsity: keeps every token; each decode step attends to the top-k tokens by outlier-channel labels."""
+
+    name = "doublesparse"
+    phase = "attend"
+    provides = frozenset({"attend"})
+    needs_budget = True
+
+    @dataclass(frozen=True)
+    class Options:
+        calibration: str = ""  # artefact of `kvsurgery calibrate doublesparse` for this model
+        group_factor: int = 4  # r = head_dim // group_factor outlier channels per query head
+        r: int = 0  # outlier channels per query head; 0 = head_dim // group_factor
+        label_bits: int = 4  # label precision: 16 (bfloat16) or 8/4/2-bit per-label min-max codes
+        dense_layers: int = 2  # the first layers attend densely (the paper's "first 2 layers")
+
+        def __post_init__(self):
+            if self.group_factor < 1 or self.r < 0 or self.dense_layers < 0:
+                raise ValueError("group_factor >= 1, r >= 0 and dense_layers >= 0 are required")
+            if self.label_bits not in sparse_attention.LABEL_BITS:
+                raise ValueError(f"label_bits must be one of {sparse_attention.LABEL_BITS}, got {self.label_bits}")
+
+    def channels_per_head(self, head_dim: int) -> int:
+        return self.options.r or head_dim // self.options.group_factor
+
+    # -- validation ---------------------------------------------------------------------------------
+    def check_model(self, model: torch.nn.Module) -> None:
+        if not self.options.calibration:
+            raise CalibrationError(f"doublesparse needs this model's channel calibration: {HOW_TO_CALIBRATE}")
+        self.channels = load_channels(self.options.calibration, model)
+
+    def check(self, sites: list[AttentionSite], budget) -> None:
+        others = [p.name for p in self.recipe.passes if not p.core and p is not self]
+        if others:
+            raise RecipeError(
+                f"'doublesparse' keeps every token and replaces decode attention; it does not combine with "
+                f"'{'+'.join(others)}' (write 'doublesparse' alone)"
+            )
+        o = self.options
+        for site in sites:
+            r = self.channels_per_head(site.head_dim)
+            if not 1 <= r <= site.head_dim or (r * o.label_bits) % 8:
+                raise RecipeError(
+                    f"doublesparse: r = {r} channels of head_dim {site.head_dim} at {o.label_bits}-bit labels is "
+                    "not storable; need 1 <= r <= head_dim and r * label_bits a multiple of 8 (set r or group_factor)"
+                )
+            layer_channels = self.channels[site.layer] if site.layer < len(self.channels) else None
+            if layer_channels is None or tuple(layer_channels.shape) != (site.n_heads, site.head_dim):
+                raise CalibrationError(
+                    f"the doublesparse calibration does not describe layer {site.layer} "
+                    f"({site.n_heads} query heads x head_dim {site.head_dim}); {HOW_TO_CALIBRATE}"
+                )
+
+    def sparse(self, site: AttentionSite) -> bool:
+        return site.layer >= self.options.dense_layers and not site.sliding_window
+
+    # -- store plan ---------------------------------------------------------------------------------
+    def plan_layer(self, state: PlanState) -> None:
+        site = state.site
+        if site.sliding_window:
+            state.keep = [site.sliding_window] * site.n_kv_heads  # the whole window; it evicts its oldest
+            return
+        state.keep = [state.prompt_len] * site.n_kv_heads  # every token; `budget` is k, not what is kept
+        if self.sparse(site):
+            group = site.n_heads // site.n_kv_heads
+            bits = self.options.label_bits
+            r = self.channels_per_head(site.head_dim)
+            dtype = torch.bfloat16 if bits == 16 else torch.uint8
+            state.planes.append(Plane("labels", (group, sparse_attention.label_width(r, bits)), dtype))
+            if bits < 16:
+                state.planes.append(Plane("label_range", (group, 2), torch.float16))
+
+    # -- graph rewrite ------------------------------------------------------------------------------
+    def rewrite(self, rw: SiteRewrite) -> None:
+        s = rw.store
+        scale = rw.match.attention.scale
+        if rw.phase == "prefill":
+            if self.sparse(rw.site):
+                args = (s["labels"], s.get("label_range"), s["k_store"], s["start"], s["cap"])
+                rw.call(self.name, kv_op("label_fill_"), (*args, self._channels_node(rw), self.options.label_bits))
+            marker = rw.match.cache.marker
+            for user in list(marker.users):  # prefill attention stays the model's own, over the prompt
+                user.replace_all_uses_with(rw.k if user.args[1] == 0 else rw.v)
+            return
+        old = rw.match.attention.output
+        if self.sparse(rw.site):
+            bits = self.options.label_bits
+            channels = self._channels_node(rw)
+            args = (s["labels"], s.get("label_range"), rw.k, s["start"], s["length"], channels, bits)
+            rw.call(self.name, kv_op("label_append_"), args, before=old)
+            budget = self.recipe.budget
+            args = (rw.q, s["k_store"], s["v_store"], s["pos"], s["keep"], s["start"], s["length"], s["seen"])
+            args = (*args, s["labels"], s.get("label_range"), channels, scale)
+            args = (*args, budget.tokens or 0, budget.fraction or 0.0, bits)
+            node = rw.call(self.name, kv_op("sparse_attend"), args, before=old)
+        else:
+            args = (rw.q, s["k_store"], s["v_store"], s["pos"], s["start"], s["length"], s["seen"])
+            node = rw.call(self.name, kv_op("attend"), (*args, scale, rw.site.sliding_window or 0), before=old)
+        old.replace_all_uses_with(node)
+        rw.graph.erase_node(old)
+
+    def _channels_node(self, rw: SiteRewrite):
+        """The layer's outlier channels [Hq, r] as a constant of the graph module (on the layer's device)."""
+        gm = rw.graph.owning_module
+        name = f"kvsurgery_doublesparse_channels_{rw.site.layer}"
+        if not hasattr(gm, name):
+            r = self.channels_per_head(rw.site.head_dim)
+            gm.register_buffer(name, self.channels[rw.site.layer][:, :r].contiguous().to(example(rw.k).device))
+        with rw.graph.inserting_before(rw.match.cache.marker):
+            return rw.graph.get_attr(name)
