@@ -1,0 +1,48 @@
+"""`csp`: Cross-Self KV cache pruning for vision-language models (Pei et al., 2024), seed-algorithms section 3."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsurgery import crossmodal  # noqa: F401  (registers torch.ops.kvsurgery.score_csp)
+from kvsurgery.modality import visual_mask, visual_token_ids
+from kvsurgery.pass_base import Pass, Selection, SiteRewrite, kv_op
+from kvsurgery.registry import register_pass
+
+
+@register_pass
+class CSP(Pass):
+    """CSP: keeps a recent window plus separate top-k budgets of intra- and inter-modality (n-softmax) attention."""
+
+    name = "csp"
+    phase = "score"
+    provides = frozenset({"scores"})
+    needs_budget = True
+
+    @dataclass(frozen=True)
+    class Options:
+        window: int = 32  # observation window: its queries score the prompt, its tokens are always kept
+        cross_ratio: float = 0.5  # share of the selected (non-window) tokens chosen by cross-modality score
+        n: int = 1  # n of the n-softmax (0 = ordinary softmax)
+
+        def __post_init__(self):
+            if self.window < 1 or self.n < 0 or not 0.0 <= self.cross_ratio <= 1.0:
+                raise ValueError("window >= 1, n >= 0 and cross_ratio in [0, 1] are required")
+
+    def selection(self) -> Selection:
+        return Selection(window=self.options.window)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        self.token_ids = visual_token_ids(model, self.name)
+
+    def rewrite(self, rw: SiteRewrite) -> None:
+        if rw.phase != "prefill":
+            return
+        o = self.options
+        is_visual = visual_mask(rw.graph, self.token_ids, self.name)
+        rw.products["is_visual"] = is_visual
+        rw.inserted.setdefault(self.name, []).append("is_visual(input_ids)")
+        args = (rw.q, rw.k, rw.mask, is_visual, rw.store["keep"], rw.match.attention.scale, o.window)
+        rw.products["scores"] = rw.call(self.name, kv_op("score_csp"), (*args, o.cross_ratio, o.n))
