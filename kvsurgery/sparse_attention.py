@@ -192,12 +192,24 @@ def sparse_attend(
 
 
 # -- custom ops ---------------------------------------------------------------------------------------------
+# The channels reach the ops as a flat int list (a graph constant Inductor accepts), one row of r per query head.
+def _channel_table(channels: list[int], n_heads: int, device: torch.device) -> Tensor:
+    return torch.tensor(channels, dtype=torch.long, device=device).reshape(n_heads, -1)
+
+
 @torch.library.custom_op("kvsurgery::label_fill_", mutates_args=("labels", "label_range"))
 def label_fill_op(
-    labels: Tensor, label_range: Tensor | None, k_store: Tensor, start: Tensor, cap: Tensor, channels: Tensor, bits: int
+    labels: Tensor,
+    label_range: Tensor | None,
+    k_store: Tensor,
+    start: Tensor,
+    cap: Tensor,
+    channels: list[int],
+    bits: int,
 ) -> None:
     """Double Sparsity prefill: labels of every stored key."""
-    label_fill_(labels, label_range, k_store, start, cap, channels, bits)
+    table = _channel_table(channels, start.shape[1] * labels.shape[2], k_store.device)
+    label_fill_(labels, label_range, k_store, start, cap, table, bits)
 
 
 @label_fill_op.register_fake
@@ -207,10 +219,17 @@ def _(labels, label_range, k_store, start, cap, channels, bits):
 
 @torch.library.custom_op("kvsurgery::label_append_", mutates_args=("labels", "label_range"))
 def label_append_op(
-    labels: Tensor, label_range: Tensor | None, k: Tensor, start: Tensor, length: Tensor, channels: Tensor, bits: int
+    labels: Tensor,
+    label_range: Tensor | None,
+    k: Tensor,
+    start: Tensor,
+    length: Tensor,
+    channels: list[int],
+    bits: int,
 ) -> None:
     """Double Sparsity decode: the label of the key `append_` just wrote."""
-    label_append_(labels, label_range, k, start, length, channels, bits)
+    table = _channel_table(channels, start.shape[1] * labels.shape[2], k.device)
+    label_append_(labels, label_range, k, start, length, table, bits)
 
 
 @label_append_op.register_fake
@@ -230,30 +249,16 @@ def sparse_attend_op(
     seen: Tensor,
     labels: Tensor,
     label_range: Tensor | None,
-    channels: Tensor,
+    channels: list[int],
     scale: float,
     tokens: int,
     fraction: float,
     bits: int,
 ) -> Tensor:
     """Double Sparsity decode attention: top-k tokens per KV head by label score, exact attention over them."""
-    return sparse_attend(
-        q,
-        k_store,
-        v_store,
-        pos,
-        keep,
-        start,
-        length,
-        seen,
-        labels,
-        label_range,
-        channels,
-        scale,
-        tokens,
-        fraction,
-        bits,
-    )
+    table = _channel_table(channels, q.shape[1], q.device)
+    args = (q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, table)
+    return sparse_attend(*args, scale, tokens, fraction, bits)
 
 
 @sparse_attend_op.register_fake

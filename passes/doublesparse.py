@@ -14,7 +14,6 @@ import torch
 from kvsurgery import sparse_attention
 from kvsurgery.calibration.doublesparse import load_channels
 from kvsurgery.errors import CalibrationError, RecipeError
-from kvsurgery.fx_utils import example
 from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
@@ -106,7 +105,7 @@ class DoubleSparsity(Pass):
         if rw.phase == "prefill":
             if self.sparse(rw.site):
                 args = (s["labels"], s.get("label_range"), s["k_store"], s["start"], s["cap"])
-                rw.call(self.name, kv_op("label_fill_"), (*args, self._channels_node(rw), self.options.label_bits))
+                rw.call(self.name, kv_op("label_fill_"), (*args, self._channels(rw.site), self.options.label_bits))
             marker = rw.match.cache.marker
             for user in list(marker.users):  # prefill attention stays the model's own, over the prompt
                 user.replace_all_uses_with(rw.k if user.args[1] == 0 else rw.v)
@@ -114,7 +113,7 @@ class DoubleSparsity(Pass):
         old = rw.match.attention.output
         if self.sparse(rw.site):
             bits = self.options.label_bits
-            channels = self._channels_node(rw)
+            channels = self._channels(rw.site)
             args = (s["labels"], s.get("label_range"), rw.k, s["start"], s["length"], channels, bits)
             rw.call(self.name, kv_op("label_append_"), args, before=old)
             budget = self.recipe.budget
@@ -128,12 +127,6 @@ class DoubleSparsity(Pass):
         old.replace_all_uses_with(node)
         rw.graph.erase_node(old)
 
-    def _channels_node(self, rw: SiteRewrite):
-        """The layer's outlier channels [Hq, r] as a constant of the graph module (on the layer's device)."""
-        gm = rw.graph.owning_module
-        name = f"kvsurgery_doublesparse_channels_{rw.site.layer}"
-        if not hasattr(gm, name):
-            r = self.channels_per_head(rw.site.head_dim)
-            gm.register_buffer(name, self.channels[rw.site.layer][:, :r].contiguous().to(example(rw.k).device))
-        with rw.graph.inserting_before(rw.match.cache.marker):
-            return rw.graph.get_attr(name)
+    def _channels(self, site: AttentionSite) -> list[int]:
+        """The layer's outlier channels [Hq, r], flattened (ops take them as a constant int list)."""
+        return self.channels[site.layer][:, : self.channels_per_head(site.head_dim)].flatten().tolist()

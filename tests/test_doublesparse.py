@@ -277,3 +277,32 @@ def test_k_above_the_cached_tokens_equals_full_and_the_store_keeps_every_token(m
                         assert torch.equal(_labels_of(layer, 4, b, slot), expected_label), (b, h, slot)
     finally:
         kvsurgery.restore(model)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_smollm2_calibration_cli_and_a_passkey_at_small_k(smollm2, tmp_path):
+    """SmolLM2-135M: a short calibration through the CLI, then a ~780-token passkey attending to 32 tokens/step."""
+    import random
+
+    from kvsurgery.cli import main
+    from test_real_model import passkey_prompt
+
+    model, tokenizer = smollm2
+    out = tmp_path / "smollm2.json"
+    assert main(["calibrate", "doublesparse", "--model", "smollm2-135m", "--out", str(out), "--blocks", "2"]) == 0
+    channels = load_channels(out, model)
+    assert channels.shape == (30, 9, 64)
+    assert all(sorted(row.tolist()) == list(range(64)) for row in channels.reshape(-1, 64)), "permutations"
+
+    key = random.Random(0).randint(10000, 99999)
+    prompt = tokenizer(passkey_prompt(key, repeats=30, depth=0.3), return_tensors="pt").input_ids
+    kvsurgery.apply(model, "doublesparse", budget=32, calibration=str(out))
+    try:
+        answer = tokenizer.decode(model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :])
+        assert str(key) in answer, answer
+        store = model._kvsurgery.last_store
+        assert int(store.layers[5].length[0, 0]) == prompt.shape[1] + 7, "every token stays cached"
+        assert "kvsurgery.sparse_attend': 28" in str(kvsurgery.explain(model)), "28 sparse layers, 2 dense"
+    finally:
+        kvsurgery.restore(model)
