@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kvsurgery.budget import Budget
-from kvsurgery.reference import NEG_INF, _group_queries, _segment_slots, acc_dtype
+from kvsurgery.reference import NEG_INF, _group_queries, _segment_slots, acc_dtype, top_indices
 
 LABEL_BITS = (2, 4, 8, 16)
 
@@ -104,11 +104,12 @@ def label_append_(
 
 
 # -- decode: approximate scores, top-k, exact attention over the selection ----------------------------------
-def attended_tokens(keep: Tensor, tokens: int, fraction: float) -> int:
-    """k for this store: `tokens`, or `fraction` of the prompt (every sparse segment keeps the whole prompt)."""
+def attended_tokens(keep: Tensor, tokens: int, fraction: float) -> Tensor:
+    """k per batch row [B]: `tokens`, or `fraction` of the row's prompt (a sparse segment keeps its whole prompt)."""
     if tokens > 0:
-        return tokens
-    return Budget(fraction=fraction).resolve(int(keep.max()))
+        return torch.full((keep.shape[0],), tokens, dtype=torch.long, device=keep.device)
+    budget = Budget(fraction=fraction)
+    return torch.tensor([budget.resolve(int(n)) for n in keep.amax(-1).tolist()], device=keep.device)
 
 
 def approximate_scores(
@@ -146,12 +147,15 @@ def approximate_scores(
     return score, slots, valid
 
 
-def select_tokens(score: Tensor, slots: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top-k slots per (row, KV head) by approximate score, in slot order: (slots [B, Hkv, k'], ok [B, Hkv, k'])
-    with k' = min(k, L); `ok` is False where a segment has fewer than k valid tokens."""
-    width = min(k, score.shape[-1])
-    idx = score.topk(width, dim=-1).indices.sort(dim=-1).values
-    return slots.gather(-1, idx), valid.gather(-1, idx)
+def select_tokens(score: Tensor, slots: Tensor, valid: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """The top-k slots of each (row, KV head) by approximate score (ties: earliest), k [B] per row, in slot order:
+    (slots [B, Hkv, W], ok [B, Hkv, W]) with W = min(max k, L); `ok` is False past a row's k or its valid tokens."""
+    width = min(int(k.max()), score.shape[-1])
+    idx = top_indices(score, width)
+    ok = valid.gather(-1, idx) & (torch.arange(width, device=idx.device) < k[:, None, None])
+    order = torch.where(ok, idx, idx + score.shape[-1]).argsort(dim=-1)
+    idx = idx.gather(-1, order)
+    return slots.gather(-1, idx), ok.gather(-1, order)
 
 
 def attend_selected(q: Tensor, k_store: Tensor, v_store: Tensor, slots: Tensor, ok: Tensor, scale: float) -> Tensor:

@@ -211,7 +211,7 @@ def test_is_visual_product_marks_exactly_the_image_tokens():
     _generate(model, inputs, new=2)
     for layer in model._kvsurgery.last_store.layers:
         kept = sorted(layer.pos[0, : len(visual) + window].tolist())
-        assert kept == visual + [ids.shape[0] - 2, ids.shape[0] - 1]
+        assert kept == [*visual, ids.shape[0] - 2, ids.shape[0] - 1]
     kvsurgery.restore(model)
 
 

@@ -165,7 +165,7 @@ def test_topk_selection_is_the_exact_topk_of_the_approximate_scores(c, k):
     scale = c.d**-0.5
     args = (q, layer.planes["labels"], lr, layer.pos, layer.start, layer.length, layer.seen, channels, scale, c.bits)
     score, slots, valid = sa.approximate_scores(*args)
-    chosen, ok = sa.select_tokens(score, slots, valid, k)
+    chosen, ok = sa.select_tokens(score, slots, valid, torch.full((c.batch,), k))
     brute = _brute_force_scores(q, layer, channels, c, scale)
     for (b, h), mass in brute.items():
         picked = chosen[b, h][ok[b, h]].tolist()
@@ -285,8 +285,9 @@ def test_real_smollm2_calibration_cli_and_a_passkey_at_small_k(smollm2, tmp_path
     """SmolLM2-135M: a short calibration through the CLI, then a ~780-token passkey attending to 32 tokens/step."""
     import random
 
-    from kvsurgery.cli import main
     from test_real_model import passkey_prompt
+
+    from kvsurgery.cli import main
 
     model, tokenizer = smollm2
     out = tmp_path / "smollm2.json"
@@ -306,3 +307,9 @@ def test_real_smollm2_calibration_cli_and_a_passkey_at_small_k(smollm2, tmp_path
         assert "kvsurgery.sparse_attend': 28" in str(kvsurgery.explain(model)), "28 sparse layers, 2 dense"
     finally:
         kvsurgery.restore(model)
+
+
+def test_a_fractional_k_follows_each_rows_own_prompt_length():
+    keep = torch.tensor([[40, 40], [9, 9]], dtype=torch.int32)
+    assert sa.attended_tokens(keep, 0, 0.25).tolist() == [10, 3]
+    assert sa.attended_tokens(keep, 7, 0.0).tolist() == [7, 7]
