@@ -2,6 +2,7 @@
 
 A pass declares what it `provides` and `requires` (capabilities such as "scores" or "budget"), its
 `Options` dataclass, and implements any of:
+  check_model(model)      read what the pass needs from the model (config token ids, calibration) or refuse it
   plan_layer(site, plan)  shape the static store plan (budgets, eviction policy) for one layer
   rewrite(rw)             insert nodes into one site of one captured graph (rw.phase: prefill or decode)
 Passes run in phase order (score < budget < select < quant < attend), then recipe order.
@@ -77,6 +78,8 @@ class PlanState:
     keep: list[int] = field(default_factory=list)
     room: int = 0
     planes: list[Plane] = field(default_factory=list)  # extra per-slot store tensors (see store.Plane)
+    dense_slots: int | None = None  # full-precision k/v/pos slots when a quant pass packs the rest (None: all)
+    storage: str = ""  # how a quant pass stores the kept tokens (shown by explain)
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, str]] = {}  # capability -> recipe used when no pass in the recipe provides it
     needs_budget: ClassVar[bool] = False
+    dynamic_budgets: ClassVar[bool] = False  # per-head budgets decided at prefill ("budgets" product), not planned
     core: ClassVar[bool] = False  # added by the manager, not named in recipes
 
     @dataclass(frozen=True)
@@ -163,6 +167,10 @@ class Pass:
     def eviction(self) -> Eviction | None:
         """The decode-time eviction this pass defines, if any."""
         return None
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Validate against the model itself and read what the pass needs from it (its config's token ids, a
+        calibration artefact bound to it); runs before discovery, so refusals are quick."""
 
     def check(self, sites: list[AttentionSite], budget) -> None:
         """Validate options against the model and budget; raise a clear error when they cannot work."""
