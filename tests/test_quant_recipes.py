@@ -7,6 +7,7 @@ import torch
 import kvsurgery
 from kvsurgery.errors import RecipeError, UnsupportedModelError
 from kvsurgery.manager import build_recipe
+from kvsurgery.pass_base import Pass, SiteRewrite
 from kvsurgery.quant_reference import read_packed
 from kvsurgery.quantization import QuantSpec, dequantize_tokens, quantize_tokens
 from kvsurgery.testing import greedy, left_padded_batch, tiny_model
@@ -124,6 +125,39 @@ def test_kivi_with_a_residual_covering_the_sequence_is_exact_and_sliding_layers_
         assert "layer 0: sliding window 16" in text and "kivi4: packed K 4-bit per channel" in text
         store = model._kvsurgery.last_store
         assert "q_len" not in store.layers[0].planes and int(store.layers[1].planes["q_len"].sum()) == 0
+    finally:
+        kvsurgery.restore(model)
+
+
+def _even_tokens(k: torch.Tensor) -> torch.Tensor:
+    b, _, t, _ = k.shape
+    return (torch.arange(t, device=k.device) % 2 == 0).expand(b, t)
+
+
+@kvsurgery.register_pass
+class EvenTokensVisualTest(Pass):
+    """Test pass: marks even prompt positions as visual (the "is_visual" product csp provides for VLMs)."""
+
+    name = "even_visual_test"
+    phase = "score"
+
+    def rewrite(self, rw: SiteRewrite) -> None:
+        if rw.phase == "prefill":
+            rw.products["is_visual"] = rw.call(self.name, _even_tokens, (rw.k,))
+
+
+def test_a_modality_mask_sends_text_tokens_to_the_full_precision_slots():
+    """quant1bit packs every visual token; its `recent` full-precision slots go to the newest text tokens."""
+    model = tiny_model("llama", layers=1, head_dim=16)
+    ids, _ = left_padded_batch([30], seed=1)
+    kvsurgery.apply(model, "even_visual_test+quant1bit(recent=6)")
+    try:
+        greedy(model, ids, None, new=3)
+        layer = model._kvsurgery.last_store.layers[0]
+        for h in range(2):
+            assert _kept(layer, 0, h) == [19, 21, 23, 25, 27, 29, 30, 31], "text tokens, then the decoded ones"
+            assert int(layer.planes["q_len"][0, h]) == 24
+        assert "even_visual_test: _even_tokens; quant1bit: kvsurgery.select_quantized_" in str(kvsurgery.explain(model))
     finally:
         kvsurgery.restore(model)
 
