@@ -108,6 +108,8 @@ def _store_lines(expl: Explanation) -> list[str]:
             policy = f"{kept} tokens per KV head, one evicted per decoded token"
         else:
             policy = f"{kept} tokens per KV head kept at prefill + room for {plan.room} decoded tokens"
+        if plan.storage:
+            policy += f"; {plan.storage}"
         groups.setdefault(policy, []).append(plan.layer)
     lines += [f"  {_layers(layers)}: {policy}" for policy, layers in groups.items()]
     full = expl.uncompressed_bytes()

@@ -14,7 +14,7 @@ from kvsurgery.fx_utils import is_kv_update, op_counts
 from kvsurgery.pass_base import PHASES, Eviction, Pass, PlanState, Selection, SiteRewrite
 from kvsurgery.recipe import PassSpec, parse
 from kvsurgery.sites import AttentionSite, find_sites, unpaired_markers
-from kvsurgery.store import LayerPlan
+from kvsurgery.store import LayerPlan, Plane
 
 EXCLUSIVE = ("identity", "scores", "budget", "decode_eviction", "quant")
 CORE_PASSES = ("select", "attend")
@@ -70,8 +70,10 @@ class Recipe:
                     v_head_dim=site.v_head_dim,
                     sliding_window=site.sliding_window,
                     score_slots=first.eviction is not None and first.eviction.by_score,
-                    planes=tuple(first.planes),
+                    planes=_widest_planes(states),
                     row_keep=rows if len(set(rows)) > 1 else None,
+                    dense_slots=max(s.dense_slots for s in states) if first.dense_slots is not None else None,
+                    storage=first.storage,
                 )
             )
         return plans
@@ -141,6 +143,17 @@ class Recipe:
         gm.recompile()
         report.after = dict(op_counts(graph))
         return report
+
+
+def _widest_planes(states: list[PlanState]) -> tuple[Plane, ...]:
+    """The planes of a layer planned once per row length: each plane with the most rows any row needs."""
+    widest: dict[str, Plane] = {}
+    for state in states:
+        for plane in state.planes:
+            known = widest.get(plane.name)
+            if known is None or (plane.rows or 0) > (known.rows or 0):
+                widest[plane.name] = plane
+    return tuple(widest.values())
 
 
 # -- building a recipe ------------------------------------------------------------------------------

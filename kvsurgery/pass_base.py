@@ -78,6 +78,8 @@ class PlanState:
     keep: list[int] = field(default_factory=list)
     room: int = 0
     planes: list[Plane] = field(default_factory=list)  # extra per-slot store tensors (see store.Plane)
+    dense_slots: int | None = None  # full-precision k/v/pos slots when a quant pass packs the rest (None: all)
+    storage: str = ""  # how a quant pass stores the kept tokens (shown by explain)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, str]] = {}  # capability -> recipe used when no pass in the recipe provides it
     needs_budget: ClassVar[bool] = False
+    dynamic_budgets: ClassVar[bool] = False  # per-head budgets decided at prefill ("budgets" product), not planned
     core: ClassVar[bool] = False  # added by the manager, not named in recipes
 
     @dataclass(frozen=True)

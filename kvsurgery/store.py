@@ -25,13 +25,15 @@ class Plane:
     """An extra per-slot tensor a pass adds to a layer's store: [B, slots // slots_per_row, *shape] of `dtype`.
 
     E.g. Double Sparsity's label cache ("labels", (r,), bf16) or packed low-bit codes ("k_codes", (D // 8,), uint8).
-    `slots_per_row` > 1 stores one row per group of slots (e.g. per-group quantization scales).
+    `slots_per_row` > 1 stores one row per group of slots (e.g. per-group quantization scales); `rows` sets the row
+    count outright (a region the pass sizes itself, or per-KV-head tables). `dtype=None` is the model's dtype.
     """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype | None
     slots_per_row: int = 1
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class LayerPlan:
     score_slots: bool = False  # keep a per-slot score (H2O accumulated attention, recency)
     planes: tuple[Plane, ...] = field(default_factory=tuple)
     row_keep: tuple[tuple[int, ...], ...] | None = None  # per batch row when rows differ (own prompt length)
+    dense_slots: int | None = None  # slots of the full-precision k/v/pos when a pass packs the other tokens (quant)
+    storage: str = ""  # how the tokens are stored when not all in full precision (shown by explain)
 
     @property
     def n_kv_heads(self) -> int:
@@ -72,7 +76,7 @@ class StoreLayer:
 
     def __init__(self, plan: LayerPlan, batch: int, dtype: torch.dtype, device: torch.device):
         self.plan = plan
-        n_slots, n_kv = plan.slots, plan.n_kv_heads
+        n_slots = plan.slots if plan.dense_slots is None else plan.dense_slots
         self.k = torch.zeros(batch, n_slots, plan.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, n_slots, plan.v_head_dim, dtype=dtype, device=device)
         self.pos = torch.full((batch, n_slots), -1, dtype=torch.int32, device=device)
@@ -82,10 +86,16 @@ class StoreLayer:
         self.keep = torch.tensor(rows, dtype=torch.int32, device=device)
         self.cap = self.keep + plan.room
         self.start = (self.cap.cumsum(-1) - self.cap).to(torch.int32)
-        self.length = torch.zeros(batch, n_kv, dtype=torch.int32, device=device)
+        self.length = torch.zeros(batch, plan.n_kv_heads, dtype=torch.int32, device=device)
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
         self.planes = {
-            p.name: torch.zeros(batch, -(-n_slots // p.slots_per_row), *p.shape, dtype=p.dtype, device=device)
+            p.name: torch.zeros(
+                batch,
+                p.rows if p.rows is not None else -(-plan.slots // p.slots_per_row),
+                *p.shape,
+                dtype=p.dtype or dtype,
+                device=device,
+            )
             for p in plan.planes
         }
         if not torch.compiler.is_compiling():

@@ -19,6 +19,7 @@ class AdaKV(Pass):
     requires = frozenset({"scores"})
     defaults: ClassVar[dict[str, str]] = {"scores": "snapkv(window=8,kernel=7,pool=max)"}
     needs_budget = True
+    dynamic_budgets = True
 
     @dataclass(frozen=True)
     class Options:
