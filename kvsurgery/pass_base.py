@@ -2,6 +2,7 @@
 
 A pass declares what it `provides` and `requires` (capabilities such as "scores" or "budget"), its
 `Options` dataclass, and implements any of:
+  check_model(model)      read what the pass needs from the model (config token ids, calibration) or refuse it
   plan_layer(site, plan)  shape the static store plan (budgets, eviction policy) for one layer
   rewrite(rw)             insert nodes into one site of one captured graph (rw.phase: prefill or decode)
 Passes run in phase order (score < budget < select < quant < attend), then recipe order.
@@ -30,6 +31,7 @@ CAPABILITIES = {
     "budget": "how many tokens each layer / KV head keeps",
     "select": "compaction of kept tokens into the store",
     "decode_eviction": "evicts a token per step when a segment is full",
+    "decode_append": "writes each decoded token into the store itself (the core select pass then inserts no append_)",
     "quant": "low-bit storage of the kept tokens",
     "attend": "decode attention over the store",
 }
@@ -163,6 +165,10 @@ class Pass:
     def eviction(self) -> Eviction | None:
         """The decode-time eviction this pass defines, if any."""
         return None
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Validate against the model itself and read what the pass needs from it (its config's token ids, a
+        calibration artefact bound to it); runs before discovery, so refusals are quick."""
 
     def check(self, sites: list[AttentionSite], budget) -> None:
         """Validate options against the model and budget; raise a clear error when they cannot work."""
