@@ -104,6 +104,8 @@ def _store_lines(expl: Explanation) -> list[str]:
         kept = f"{keeps[0]}" if len(keeps) == 1 else f"{keeps[0]}..{keeps[-1]}"
         if plan.sliding_window:
             policy = f"sliding window {plan.sliding_window}: at most {kept} tokens per KV head, oldest evicted"
+        elif plan.evict and plan.room:
+            policy = f"{kept} tokens per KV head kept at prefill + room for {plan.room} decoded tokens, evicting"
         elif plan.evict:
             policy = f"{kept} tokens per KV head, one evicted per decoded token"
         else:

@@ -16,7 +16,7 @@ from kvsurgery.recipe import PassSpec, parse
 from kvsurgery.sites import AttentionSite, find_sites, unpaired_markers
 from kvsurgery.store import LayerPlan, Plane
 
-EXCLUSIVE = ("identity", "scores", "budget", "decode_eviction", "quant")
+EXCLUSIVE = ("identity", "scores", "budget", "decode_eviction", "decode_append", "quant")
 CORE_PASSES = ("select", "attend")
 
 

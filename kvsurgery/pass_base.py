@@ -31,6 +31,7 @@ CAPABILITIES = {
     "budget": "how many tokens each layer / KV head keeps",
     "select": "compaction of kept tokens into the store",
     "decode_eviction": "evicts a token per step when a segment is full",
+    "decode_append": "writes each decoded token into the store itself (the core select pass then inserts no append_)",
     "quant": "low-bit storage of the kept tokens",
     "attend": "decode attention over the store",
 }

@@ -36,7 +36,7 @@ class Select(Pass):
             sel = self.recipe.selection
             args = (*rw.store_args(), rw.k, rw.v, rw.products.get("scores"), rw.products.get("budgets"), rw.mask)
             rw.call(self.name, kv_op("select_compact_"), (*args, sel.sinks, sel.window))
-        else:
+        elif not any("decode_append" in p.provides for p in self.recipe.passes):  # else that pass appends
             ev = layer_eviction(self.recipe, rw.site)
             policy = (ev.sinks, ev.window, True, ev.by_score, ev.score_new) if ev else (0, 0, False, False, "position")
             rw.call(self.name, kv_op("append_"), (*rw.store_args(), rw.k, rw.v, *policy))
