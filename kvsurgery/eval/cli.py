@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="results", help="output folder")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="run nothing: merge the results.json of earlier runs (e.g. kvsurgery and kvpress) into --out",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from kvsurgery import models
     from kvsurgery.eval import harness, kvpress_adapter, report, tasks
 
+    if args.merge:
+        return _merge(args.merge, pathlib.Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     recipes = _split(args.recipes) + [f"kvpress:{p}" for p in _split(args.kvpress)]
@@ -116,4 +124,27 @@ def run(args: argparse.Namespace) -> int:
             result = report.write(out, records, meta, compare_pairs)
     print(report.markdown(result["rows"], result["comparisons"]))
     print(f"written: {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy_vs_bytes.png'}")
+    return 0
+
+
+def _merge(folders: list[str], out: pathlib.Path) -> int:
+    """One report from several runs' records (same seed, so the same prompts); later folders win on duplicates."""
+    import json
+
+    from kvsurgery.eval import report
+    from kvsurgery.eval.harness import Record
+
+    records: dict[tuple, Record] = {}
+    metas = []
+    for folder in folders:
+        data = json.loads((pathlib.Path(folder) / "results.json").read_text())
+        metas.append(data["meta"])
+        for raw in data["records"]:
+            record = Record(**raw)
+            records[(record.recipe, record.budget, record.key)] = record
+    recipes = {r.recipe for r in records.values()}
+    pairs = [(r, f"kvpress:{r}") for r in sorted(recipes) if f"kvpress:{r}" in recipes]
+    meta = {**metas[0], "merged_from": metas}
+    result = report.write(out, list(records.values()), meta, pairs)
+    print(report.markdown(result["rows"], result["comparisons"]))
     return 0
