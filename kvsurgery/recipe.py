@@ -2,7 +2,8 @@
 
     "snapkv"    "pyramidkv+kivi2"    "snapkv(window=16,kernel=7,pool=max)+quant1bit"
 
-Option values are ints, floats, true/false, or bare words (strings).
+Option values are ints, floats, true/false, or bare words and file paths (strings without spaces, commas,
+parentheses or "+"), e.g. "headkv(calibration=runs/headkv.json)".
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def _value(text: str):
             return convert(text)
         except ValueError:
             pass
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-.]*", text):
+    if re.fullmatch(r"[A-Za-z0-9_\-./~:]+", text):
         return text
-    raise RecipeError(f"cannot read option value {text!r}: use a number, true/false, or a plain word")
+    raise RecipeError(
+        f"cannot read option value {text!r}: use a number, true/false, a plain word or a path without spaces "
+        "(pass other values as keyword options to apply)"
+    )
 
 
 def parse(recipe: str) -> list[PassSpec]:

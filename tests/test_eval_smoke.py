@@ -50,12 +50,20 @@ def test_kvpress_recipe_names_and_budget_rounding():
         assert int(n_tokens * (1 - ratio)) == keep == -(-n_tokens // 5)
 
 
-@pytest.mark.real_model
-def test_eval_smoke_on_real_model(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def smoke_runs(smollm2):
+    """full and snapkv at 50% on two 256-token passkey prompts (kept tokens recorded), shared by the tests below."""
     model, tokenizer = smollm2
     samples = tasks.generate(tokenizer, "passkey", 256, n=2, seed=0)
     full = harness.run_recipe(model, tokenizer, samples, "full", None)
     snap = harness.run_recipe(model, tokenizer, samples, "snapkv(window=8,kernel=7)", 0.5, dump_kept=True)
+    return samples, full, snap
+
+
+@pytest.mark.real_model
+def test_eval_smoke_on_real_model(smollm2, smoke_runs, tmp_path):
+    model, _ = smollm2
+    _, full, snap = smoke_runs
     assert "_kvsurgery" not in model.__dict__  # restored
     assert [r.score for r in full] == [1.0, 1.0], [r.prediction for r in full]
     for f, s in zip(full, snap, strict=True):
@@ -65,11 +73,17 @@ def test_eval_smoke_on_real_model(smollm2, tmp_path):
     report.write(tmp_path, full + snap, {"model": "smollm2-135m"}, [])
     assert "| full | – | **100.0** |" in (tmp_path / "table.md").read_text()
 
+
+@pytest.mark.real_model
+def test_kvpress_snapkv_keeps_the_same_tokens_as_ours(smollm2, smoke_runs):
+    """Runs only where the kvpress environment exists (docs/eval.md): the same algorithm must keep the same tokens."""
     python = os.environ.get("KVSURGERY_KVPRESS_PYTHON", kvpress_adapter.DEFAULT_PYTHON)
     if not pathlib.Path(python).exists():
-        pytest.skip(f"no kvpress environment at {python} (see docs/eval.md); kvsurgery half checked")
+        pytest.skip(f"no kvpress environment at {python} (see docs/eval.md)")
     from kvsurgery import models
 
+    model, tokenizer = smollm2
+    samples, _, snap = smoke_runs
     folder = str(models.cache_dir() / "smollm2-135m" / "hf")
     press = kvpress_adapter.run_presses(
         model, folder, tokenizer, samples[:1], [("kvpress:snapkv(window=8,kernel=7)", 0.5)], python, dump_kept=True
@@ -78,3 +92,10 @@ def test_eval_smoke_on_real_model(smollm2, tmp_path):
     ours = snap[0]
     assert theirs.kept == ours.kept  # the same tokens of every layer and KV head
     assert theirs.prediction == ours.prediction
+
+
+def test_recipes_that_keep_every_token_run_once_without_a_budget():
+    from kvsurgery.eval.cli import _takes_budget
+
+    assert [_takes_budget(r) for r in ("full", "kivi2", "kvpress:full")] == [False, False, False]
+    assert [_takes_budget(r) for r in ("snapkv", "snapkv+kivi2", "kvpress:snapkv")] == [True, True, True]

@@ -12,6 +12,7 @@ def test_parse_names_and_inline_options():
     specs = parse("snapkv(window=16, kernel=7, pool=max)+kivi2")
     assert [s.name for s in specs] == ["snapkv", "kivi2"]
     assert specs[0].options == {"window": 16, "kernel": 7, "pool": "max"}
+    assert parse("headkv(calibration=~/runs/head-kv.json)")[0].options == {"calibration": "~/runs/head-kv.json"}
 
 
 @pytest.mark.parametrize(
@@ -22,6 +23,7 @@ def test_parse_names_and_inline_options():
         ("snapkv(window=16", "unbalanced"),
         ("snapkv(window)", "expected key=value"),
         ("snap kv", "cannot parse"),
+        ("headkv(calibration=my scores.json)", "a path without spaces"),
     ],
 )
 def test_parse_errors(text, message):

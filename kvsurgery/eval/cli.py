@@ -79,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"kvsurgery eval: unknown task(s) {unknown}; known: {', '.join(TASKS)}", file=sys.stderr)
         return 2
-    runs = [
-        (r, None) if r in ("full", "kvpress:full") else (r, b)
-        for r in recipes
-        for b in ([None] if r in ("full", "kvpress:full") else budgets)
-    ]
+    runs = [(r, b) for r in recipes for b in (budgets if _takes_budget(r) else [None])]
     press_python = (
         kvpress_adapter.python_path(args.kvpress_python)
         if any(kvpress_adapter.is_kvpress(r) for r, _ in runs)
@@ -125,6 +121,21 @@ def run(args: argparse.Namespace) -> int:
     print(report.markdown(result["rows"], result["comparisons"]))
     print(f"written: {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy_vs_bytes.png'}")
     return 0
+
+
+def _takes_budget(recipe: str) -> bool:
+    """Whether a recipe selects tokens (runs once per budget) or keeps them all (`full`, `kivi2`: runs once)."""
+    from kvsurgery.errors import BudgetError
+    from kvsurgery.eval import kvpress_adapter
+    from kvsurgery.manager import build_recipe
+
+    if kvpress_adapter.is_kvpress(recipe):
+        return recipe != "kvpress:full"
+    try:
+        build_recipe(recipe, budget=None)
+    except BudgetError:
+        return True
+    return False
 
 
 def _merge(folders: list[str], out: pathlib.Path) -> int:
