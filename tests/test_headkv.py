@@ -199,3 +199,20 @@ def test_generate_uses_per_head_budgets_and_a_budget_over_the_prompt_is_exact(mo
         assert torch.equal(greedy(model, ids, mask), expected)
     finally:
         kvsurgery.restore(model)
+
+
+def test_headkv_composes_with_1bit_storage(model, tmp_path):
+    """headkv+quant1bit: the same per-KV-head budgets, the oldest kept tokens of each head stored in 1 bit."""
+    path = _artefact(model, tmp_path / "r.json", SCORES)
+    ids, mask = left_padded_batch([64, 50], seed=2)
+    kvsurgery.apply(model, "headkv+quant1bit(recent=4)", budget=24, calibration=str(path))
+    try:
+        greedy(model, ids, mask)
+        caps = head_caps(kv_head_importance(torch.tensor(SCORES, dtype=torch.float64), 2), 16, 1.01)
+        for layer in model._kvsurgery.last_store.layers:
+            want = [c + 8 for c in caps[layer.plan.layer]]
+            assert layer.keep.tolist() == [want, want]
+            assert layer.planes["q_len"].tolist() == [[k - 4 for k in want]] * 2, "all but the 4 newest packed"
+        assert "quant1bit: kvsurgery.select_quantized_" in str(kvsurgery.explain(model))
+    finally:
+        kvsurgery.restore(model)
