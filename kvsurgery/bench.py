@@ -18,6 +18,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -245,6 +246,28 @@ def _unregistered(recipe: str) -> str | None:
     return None
 
 
+def speed_calibration(model, recipe: str, folder: pathlib.Path, seed: int) -> dict:
+    """Options for recipes that need a calibration artefact, made up for a speed run on random weights.
+
+    HeadKV's head scores are drawn log-normal (seeded): a few heads get most of the budget, as calibrated scores
+    of real models do, which is what matters for speed (uneven per-head lengths). Never use them for accuracy.
+    """
+    from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
+    from kvsurgery.recipe import parse
+
+    names = {spec.name for spec in parse(recipe)}
+    criterion = "reasoning" if "headkv-r2" in names else "retrieval" if "headkv" in names else None
+    if criterion is None:
+        return {}
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(config.num_hidden_layers, config.num_attention_heads, generator=g, dtype=torch.float64)
+    data = {"criterion": criterion, "scores": (2.0 * scores).exp().tolist()}
+    params = {"synthetic": "log-normal head scores for speed measurements on random weights"}
+    path = save(Artefact("headkv", ModelIdentity.of(model), params, data), folder / f"headkv-{criterion}.json")
+    return {"calibration": str(path)}
+
+
 def hf_row(model, ids, args, device, floor, bandwidth) -> Row:
     row = Row("hf", "full (static cache)", ids.shape[1], ids.shape[0])
 
@@ -265,7 +288,9 @@ def surgery_row(model, ids, recipe: str, args, device, floor, bandwidth, compile
         return row
 
     def body():
-        kvsurgery.apply(model, recipe, _budget_for(recipe, args.budget), compile=compile)
+        with tempfile.TemporaryDirectory() as folder:
+            options = speed_calibration(model, recipe, pathlib.Path(folder), args.seed)
+            kvsurgery.apply(model, recipe, _budget_for(recipe, args.budget), compile=compile, **options)
         try:
 
             def once():

@@ -9,8 +9,9 @@ from kvsurgery.bench import _tokens
 
 def test_bench_smoke_run_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    recipes = "full,snapkv(window=4),headkv+quant1bit,nosuchpass"
     argv = ["bench", "--shape", "tiny", "--device", "cpu", "--contexts", "48", "--batch", "1", "--budget", "0.25",
-            "--recipes", "full,snapkv(window=4),nosuchpass", "--new-tokens", "4", "--out", str(out)]  # fmt: skip
+            "--recipes", recipes, "--new-tokens", "4", "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["meta"]["copy_bandwidth_gbps"] > 0 and data["meta"]["weight_bytes_per_step"] > 0
@@ -19,6 +20,7 @@ def test_bench_smoke_run_on_cpu(tmp_path, capsys):
         rows[("hf", "full (static cache)")],
         rows[("kvsurgery", "full")],
         rows[("kvsurgery", "snapkv(window=4)")],
+        rows[("kvsurgery", "headkv+quant1bit")],  # synthetic head scores (random weights, speed only)
     ]
     for row in measured:
         assert row["status"] == "ok", row
