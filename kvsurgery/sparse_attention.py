@@ -197,7 +197,7 @@ def sparse_attend(
 
 # -- custom ops ---------------------------------------------------------------------------------------------
 # The channels reach the ops as a flat int list (a graph constant Inductor accepts), one row of r per query head.
-def _channel_table(channels: list[int], n_heads: int, device: torch.device) -> Tensor:
+def channel_table(channels: list[int], n_heads: int, device: torch.device) -> Tensor:
     return torch.tensor(channels, dtype=torch.long, device=device).reshape(n_heads, -1)
 
 
@@ -212,7 +212,7 @@ def label_fill_op(
     bits: int,
 ) -> None:
     """Double Sparsity prefill: labels of every stored key."""
-    table = _channel_table(channels, start.shape[1] * labels.shape[2], k_store.device)
+    table = channel_table(channels, start.shape[1] * labels.shape[2], k_store.device)
     label_fill_(labels, label_range, k_store, start, cap, table, bits)
 
 
@@ -232,7 +232,7 @@ def label_append_op(
     bits: int,
 ) -> None:
     """Double Sparsity decode: the label of the key `append_` just wrote."""
-    table = _channel_table(channels, start.shape[1] * labels.shape[2], k.device)
+    table = channel_table(channels, start.shape[1] * labels.shape[2], k.device)
     label_append_(labels, label_range, k, start, length, table, bits)
 
 
@@ -260,7 +260,7 @@ def sparse_attend_op(
     bits: int,
 ) -> Tensor:
     """Double Sparsity decode attention: top-k tokens per KV head by label score, exact attention over them."""
-    table = _channel_table(channels, q.shape[1], q.device)
+    table = channel_table(channels, q.shape[1], q.device)
     args = (q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, table)
     return sparse_attend(*args, scale, tokens, fraction, bits)
 
@@ -270,3 +270,9 @@ def _(
     q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels, scale, tokens, fraction, bits
 ):
     return torch.empty_like(q)
+
+
+# The gather kernel becomes the CUDA implementation of `sparse_attend` (CPU keeps the reference above).
+from kvsurgery.kernels import register_sparse_kernel  # noqa: E402
+
+register_sparse_kernel()

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from kvsurgery.kernels.append_evict import append
+from kvsurgery.kernels.quantized_attention import quantized_decode_attention
+from kvsurgery.kernels.sparse_gather import gather_attention
 from kvsurgery.kernels.split_kv_attention import decode_attention
 
 
@@ -48,4 +50,59 @@ def register_cuda_kernels() -> None:
     torch.library.register_kernel("kvsurgery::append_", "cuda", _append)
 
 
-__all__ = ["append", "decode_attention", "register_cuda_kernels"]
+def _attend_quantized(
+    q,
+    k_store,
+    v_store,
+    pos,
+    start,
+    length,
+    seen,
+    qk_codes,
+    qk_scale,
+    qk_low,
+    qv_codes,
+    qv_scale,
+    qv_low,
+    q_start,
+    q_len,
+    scale,
+    layout,
+    squeeze,
+) -> Tensor:
+    packed = (qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len)
+    return quantized_decode_attention(q, k_store, v_store, pos, start, length, *packed, scale, layout, squeeze)
+
+
+def sparse_attend(
+    q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels, scale, tokens, fraction, bits
+) -> Tensor:
+    """Double Sparsity decode attention: the reference's label scores and top-k (torch ops), then the gather kernel."""
+    from kvsurgery import sparse_attention as ds  # imported here: that module registers this function at import
+
+    table = ds.channel_table(channels, q.shape[1], q.device)
+    score, slots, valid = ds.approximate_scores(q, labels, label_range, pos, start, length, seen, table, scale, bits)
+    chosen, ok = ds.select_tokens(score, slots, valid, ds.attended_tokens(keep, tokens, fraction))
+    return gather_attention(q, k_store, v_store, chosen, ok, scale)
+
+
+def register_quantized_kernel() -> None:
+    """Make the fused-dequantization kernel the CUDA implementation of `attend_quantized` (called by quant_ops)."""
+    torch.library.register_kernel("kvsurgery::attend_quantized", "cuda", _attend_quantized)
+
+
+def register_sparse_kernel() -> None:
+    """Make the gather kernel (after the torch selection) the CUDA implementation of `sparse_attend`."""
+    torch.library.register_kernel("kvsurgery::sparse_attend", "cuda", sparse_attend)
+
+
+__all__ = [
+    "append",
+    "decode_attention",
+    "gather_attention",
+    "quantized_decode_attention",
+    "register_cuda_kernels",
+    "register_quantized_kernel",
+    "register_sparse_kernel",
+    "sparse_attend",
+]
