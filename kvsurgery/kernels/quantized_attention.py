@@ -460,14 +460,24 @@ def quantized_decode_attention(
 
 
 def bytes_read(
-    lay: QuantLayout, tokens: int, dense: int, n_kv: int, d: int, batch: int, stat_bytes: int, dense_bytes: int
+    lay: QuantLayout,
+    packed: int,
+    dense: int,
+    n_kv: int,
+    d: int,
+    batch: int,
+    stat_bytes: int,
+    dense_bytes: int,
+    squeeze: float = 0.0,
 ) -> int:
-    """Bytes one call reads from the store for `tokens` packed and `dense` full-precision tokens per (row, KV head):
-    codes, statistics (once per group), dense K/V and positions. Queries and the tiny workspace are left out."""
-    total = 0
-    for spec in (lay.k, lay.v):
-        codes = tokens * spec.packed_width(d)
-        rows, width = QuantLayout.stats_rows(spec, 1, tokens, d)
-        total += codes + 2 * rows * width * stat_bytes
-    total += dense * (2 * d * dense_bytes + 4)
+    """Bytes one call reads from the store with `packed` packed and `dense` full-precision tokens per (row, KV head):
+    codes, statistics (once per group), dense K/V and positions, and the key codes and statistics once more for the
+    calibration pre-pass (`squeeze` > 0). Queries and the small workspace are left out."""
+
+    def region(spec: QuantSpec) -> int:
+        rows, width = QuantLayout.stats_rows(spec, 1, packed, d)
+        return packed * spec.packed_width(d) + 2 * rows * width * stat_bytes
+
+    keys = region(lay.k)
+    total = keys + region(lay.v) + (keys if squeeze > 0 else 0) + dense * (2 * d * dense_bytes + 4)
     return total * n_kv * batch
