@@ -14,6 +14,7 @@ from kvsurgery.kernels.append_evict import append
 from kvsurgery.kernels.quantized_attention import quantized_decode_attention
 from kvsurgery.kernels.sparse_gather import gather_attention
 from kvsurgery.kernels.split_kv_attention import decode_attention
+from kvsurgery.kernels.window_scores import window_attention_mass
 
 
 def _attend(
@@ -43,8 +44,26 @@ def _append(
     append(k_store, v_store, pos, slot_score, cap, start, length, seen, k, v, sinks, window, evict, by_score, score_new)
 
 
+def score_window(q: Tensor, k: Tensor, mask: Tensor | None, scale, window, kernel, pool) -> Tensor:
+    """SnapKV window scores: the Triton reduction over the last `window` queries, then the reference's pooling."""
+    from kvsurgery import reference
+
+    b, _, t, _ = q.shape
+    w = min(window, t)
+    if w == 0:  # no observation window: the reference's (degenerate) result
+        return reference.window_scores(q, k, mask, scale, window, kernel, pool)
+    if mask is None:  # causal, built on the device
+        keys = torch.arange(t, device=q.device)
+        allowed = (keys[None, :] <= keys[t - w :, None]).expand(b, -1, -1)
+    else:
+        allowed = reference.allowed_keys(mask, t - w, t, t, b)
+    return reference.pool_prefix(window_attention_mass(q, k, allowed, scale), w, kernel, pool)
+
+
 def register_cuda_kernels() -> None:
-    """Make the Triton kernels the CUDA implementations of `attend`, `attend_accumulate_` and `append_`."""
+    """Make the Triton kernels the CUDA implementations of `attend`, `attend_accumulate_`, `append_` and
+    `score_window`."""
+    torch.library.register_kernel("kvsurgery::score_window", "cuda", score_window)
     torch.library.register_kernel("kvsurgery::attend", "cuda", _attend)
     torch.library.register_kernel("kvsurgery::attend_accumulate_", "cuda", _attend_accumulate)
     torch.library.register_kernel("kvsurgery::append_", "cuda", _append)
@@ -104,5 +123,7 @@ __all__ = [
     "register_cuda_kernels",
     "register_quantized_kernel",
     "register_sparse_kernel",
+    "score_window",
     "sparse_attend",
+    "window_attention_mass",
 ]
