@@ -313,32 +313,76 @@ def test_gather_attention_matches_reference_on_cpu(c):
     check_gather(c, torch.float32, "cpu", c.n_splits, c.block_n, tol=1e-5)
 
 
-@cpu_interpreter
-@settings(max_examples=6)
-@given(seed=st.integers(0, 2**31 - 1), bits=st.sampled_from([2, 4, 8, 16]), k=st.integers(1, 12))
-def test_sparse_attend_kernel_path_matches_the_reference_op(seed, bits, k):
-    """The CUDA implementation (torch selection + gather kernel), run on CPU, gives the reference op's output."""
+def sparse_store(seed: int, bits: int):
+    """A Double Sparsity layer: equal per-head capacities within a row (rows differ, as their prompts do), every
+    stored key labelled, random lengths and prompt sizes; returns the `sparse_attend` arguments before `scale`."""
     g = torch.Generator().manual_seed(seed)
-    batch, n_kv, group, d, r, cap = 2, 2, 2, 16, 4, 13
-    slots = n_kv * cap
-    k_store = torch.randn(batch, slots, d, generator=g)
-    v_store = torch.randn(batch, slots, d, generator=g)
-    start = _starts((cap,) * n_kv, batch)
-    length = torch.randint(1, cap + 1, (batch, n_kv), generator=g, dtype=torch.int32)
-    pos = torch.arange(slots, dtype=torch.int32).remainder(cap).expand(batch, -1).contiguous()
-    seen = torch.tensor(int(length.max()))
+    batch, n_kv, group, d, r, widest = 2, 2, 2, 16, 4, 13
+    slots = n_kv * widest
+    caps = torch.tensor([widest, int(torch.randint(2, widest + 1, (), generator=g))], dtype=torch.int32)
+    cap = caps[:, None].expand(batch, n_kv).contiguous()
+    start = (cap.cumsum(-1) - cap).to(torch.int32)
+    length = (torch.rand(batch, n_kv, generator=g) * cap).long().clamp_min(1).to(torch.int32)
+    pos = torch.full((batch, slots), -1, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(n_kv):
+            s0, n = int(start[b, h]), int(length[b, h])
+            pos[b, s0 : s0 + n] = torch.arange(n, dtype=torch.int32)
+    k_store, v_store = (torch.randn(batch, slots, d, generator=g) for _ in range(2))
     channels = torch.stack([torch.randperm(d, generator=g)[:r] for _ in range(n_kv * group)])
     label_dtype = torch.bfloat16 if bits == 16 else torch.uint8
     labels = torch.zeros(batch, slots, group, sa.label_width(r, bits), dtype=label_dtype)
     label_range = None if bits == 16 else torch.zeros(batch, slots, group, 2, dtype=torch.float16)
-    sa.label_fill_(labels, label_range, k_store, start, torch.full_like(length, cap), channels, bits)
+    sa.label_fill_(labels, label_range, k_store, start, cap, channels, bits)
     q = torch.randn(batch, n_kv * group, 1, d, generator=g)
-    keep = torch.full_like(length, cap)
-    args = (q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels.flatten().tolist())
-    expected = torch.ops.kvsurgery.sparse_attend(*args, 0.25, k, 0.0, bits)  # CPU: the reference (fp32, same picks)
+    keep = (cap - 1).clamp_min(1)  # the rows' prompt lengths
+    seen = torch.tensor(int(length.max()))
+    return (q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels)
+
+
+@cpu_interpreter
+@settings(max_examples=8)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    bits=st.sampled_from([2, 4, 8, 16]),
+    tokens=st.sampled_from([0, 1, 3, 12]),
+    fraction=st.sampled_from([0.2, 0.7]),
+)
+def test_sparse_attend_kernel_path_matches_the_reference_op(seed, bits, tokens, fraction):
+    """The CUDA implementation (sync-free selection + gather kernel), run on CPU: the reference op's picks and
+    output, for token counts and fractions of each row's prompt."""
+    args = sparse_store(seed, bits)
+    q, _, _, pos, keep, start, length, seen, labels, label_range, channels = args
+    budget = (0.25, tokens, 0.0 if tokens else fraction, bits)
+    as_op = (*args[:-1], channels.flatten().tolist(), *budget)
+    expected = torch.ops.kvsurgery.sparse_attend(*as_op)  # CPU: the reference (fp32, the same picks)
     with poisoned(gather_module):
-        out = sparse_attend_kernel(*args, 0.25, k, 0.0, bits)
+        out = sparse_attend_kernel(*as_op)
     assert relative_error(out, expected) <= 1e-5
+
+    score, slots, valid = sa.approximate_scores(q, labels, label_range, pos, start, length, seen, channels, 0.25, bits)
+    ref_slots, ref_ok = sa.select_tokens(score, slots, valid, sa.attended_tokens(keep, tokens, budget[2]))
+    got_slots, got_ok = sa.select_without_sync(
+        q, pos, keep, start, length, seen, labels, label_range, channels, *budget
+    )
+    for b in range(q.shape[0]):
+        for h in range(start.shape[1]):
+            assert got_slots[b, h][got_ok[b, h]].tolist() == ref_slots[b, h][ref_ok[b, h]].tolist()
+
+
+def test_sparse_selection_never_reads_device_values_on_the_host():
+    """Under FakeTensorMode any .item()/int()/tolist() of a tensor, or a data-dependent shape, raises: the CUDA
+    selection has none, so CUDA graphs can capture it."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    q, _, _, pos, keep, start, length, seen, labels, label_range, channels = sparse_store(0, 4)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t) for t in (q, pos, keep, start, length, seen, labels, label_range, channels)]
+        for tokens, fraction in ((3, 0.0), (0, 0.5)):
+            slots, ok = sa.select_without_sync(*fake, 0.25, tokens, fraction, 4)
+            assert slots.shape == ok.shape == (2, 2, 3 if tokens else 7)
+        with pytest.raises(DataDependentOutputException, match="_local_scalar_dense"):
+            sa.attended_tokens(fake[2], 0, 0.5)  # the reference's selection does sync (it runs on CPU)
 
 
 # -- CUDA: bf16, real launch shapes, through the ops ----------------------------------------------------------

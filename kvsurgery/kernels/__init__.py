@@ -96,12 +96,13 @@ def _attend_quantized(
 def sparse_attend(
     q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels, scale, tokens, fraction, bits
 ) -> Tensor:
-    """Double Sparsity decode attention: the reference's label scores and top-k (torch ops), then the gather kernel."""
+    """Double Sparsity decode attention: label scores and top-k in torch ops without a host sync, then the gather
+    kernel over the chosen slots."""
     from kvsurgery import sparse_attention as ds  # imported here: that module registers this function at import
 
     table = ds.channel_table(channels, q.shape[1], q.device)
-    score, slots, valid = ds.approximate_scores(q, labels, label_range, pos, start, length, seen, table, scale, bits)
-    chosen, ok = ds.select_tokens(score, slots, valid, ds.attended_tokens(keep, tokens, fraction))
+    args = (q, pos, keep, start, length, seen, labels, label_range, table, scale, tokens, fraction, bits)
+    chosen, ok = ds.select_without_sync(*args)
     return gather_attention(q, k_store, v_store, chosen, ok, scale)
 
 
