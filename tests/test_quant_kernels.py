@@ -14,11 +14,12 @@ from hypothesis import example, given, settings
 import kvsurgery.quant_ops  # noqa: F401  (registers the quantized-store ops)
 from kvsurgery import quant_reference as qref
 from kvsurgery import sparse_attention as sa
-from kvsurgery.kernels import gather_attention, quantized_decode_attention
+from kvsurgery.kernels import append_quantized_without_sync, gather_attention, quantized_decode_attention
 from kvsurgery.kernels import quantized_attention as quant_module
 from kvsurgery.kernels import sparse_attend as sparse_attend_kernel
 from kvsurgery.kernels import sparse_gather as gather_module
-from kvsurgery.quant_layout import QuantLayout
+from kvsurgery.kernels.quant_append import flush_residual_without_sync
+from kvsurgery.quant_layout import QUANT_TENSORS, QuantLayout
 from kvsurgery.quantization import QuantSpec
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -249,6 +250,62 @@ def test_kernels_are_the_cuda_implementations_of_attend_quantized_and_sparse_att
     for op in ("attend_quantized", "sparse_attend"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kvsurgery::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kvsurgery::{op}", "CompositeExplicitAutograd"), op
+
+
+# -- sync-free append (the CUDA implementation of append_quantized_) ---------------------------------------------
+
+
+def quant_store_after_prefill(lay: QuantLayout, seed: int, batch=2, n_kv=3, d=16, t=30, room=20):
+    from kvsurgery.store import LayerPlan, StoreLayer
+
+    g = torch.Generator().manual_seed(seed)
+    keep = [int(x) for x in torch.randint(1, t, (n_kv,), generator=g)]
+    packed, dense = lay.allocation(keep, room, False)
+    planes = tuple(lay.planes(n_kv, packed, d, d))
+    plan = LayerPlan(0, tuple(keep), room, False, d, d, planes=planes, dense_slots=dense)
+    layer = StoreLayer(plan, batch, torch.float32, torch.device("cpu"))
+    k, v = (torch.randn(batch, n_kv, t, d, generator=g) for _ in range(2))
+    scores = torch.rand(batch, n_kv, t, generator=g)
+    qref.select_quantized_(*layer.tensors(), k, v, scores, None, None, None, 1, 2, lay.text())
+    return layer, g
+
+
+@settings(max_examples=8)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    bits=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([2, 4]),
+    groups_in_residual=st.integers(1, 3),
+    steps=st.integers(1, 20),
+)
+def test_sync_free_append_equals_the_reference_bit_for_bit(seed, bits, group, groups_in_residual, steps):
+    """KIVI decode steps (flushes of some heads and not others) through the CUDA implementation, run on CPU."""
+    lay = QuantLayout(
+        QuantSpec(bits, "channel", group), QuantSpec(bits, "token", group), residual=group * groups_in_residual
+    )
+    expected, g = quant_store_after_prefill(lay, seed)
+    got = [t.clone() for t in expected.tensors()]
+    for _ in range(steps):
+        k_new, v_new = (torch.randn(2, 3, 1, 16, generator=g) for _ in range(2))
+        qref.append_quantized_(*expected.tensors(), k_new, v_new, lay.text())
+        append_quantized_without_sync(*got, k_new, v_new, lay.text())
+    for name, want, have in zip(expected.plan.tensor_names, expected.tensors(), got, strict=True):
+        assert torch.equal(want, have), f"{name} differs from the reference"
+
+
+def test_sync_free_append_never_reads_device_values_on_the_host():
+    """Under FakeTensorMode a host read of a tensor (or a data-dependent shape) raises: the flush has none."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    lay = QuantLayout(QuantSpec(2, "channel", 4), QuantSpec(2, "token", 4), residual=8)
+    layer, _ = quant_store_after_prefill(lay, 3)
+    named = dict(zip(layer.plan.tensor_names, layer.tensors(), strict=True))
+    names = ("k_store", "v_store", "pos", "start", "length", *QUANT_TENSORS)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        tensors = [mode.from_tensor(named[n]) for n in names]
+        flush_residual_without_sync(*tensors, lay)
+        with pytest.raises(DataDependentOutputException):
+            qref.flush_residual_(*tensors, lay)  # the reference syncs (it runs on CPU)
 
 
 # -- Double Sparsity: top-k gather attention -------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from kvsurgery.kernels.append_evict import append
+from kvsurgery.kernels.quant_append import append_quantized_without_sync
 from kvsurgery.kernels.quantized_attention import quantized_decode_attention
 from kvsurgery.kernels.sparse_gather import gather_attention
 from kvsurgery.kernels.split_kv_attention import decode_attention
@@ -107,8 +108,10 @@ def sparse_attend(
 
 
 def register_quantized_kernel() -> None:
-    """Make the fused-dequantization kernel the CUDA implementation of `attend_quantized` (called by quant_ops)."""
+    """Make the fused-dequantization kernel the CUDA implementation of `attend_quantized`, and the sync-free append
+    that of `append_quantized_` (called by quant_ops)."""
     torch.library.register_kernel("kvsurgery::attend_quantized", "cuda", _attend_quantized)
+    torch.library.register_kernel("kvsurgery::append_quantized_", "cuda", append_quantized_without_sync)
 
 
 def register_sparse_kernel() -> None:
@@ -118,6 +121,7 @@ def register_sparse_kernel() -> None:
 
 __all__ = [
     "append",
+    "append_quantized_without_sync",
     "decode_attention",
     "gather_attention",
     "quantized_decode_attention",
