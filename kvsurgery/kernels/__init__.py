@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvsurgery import reference
 from kvsurgery.kernels.append_evict import append
 from kvsurgery.kernels.quant_append import append_quantized_without_sync
 from kvsurgery.kernels.quantized_attention import quantized_decode_attention
@@ -47,8 +48,6 @@ def _append(
 
 def score_window(q: Tensor, k: Tensor, mask: Tensor | None, scale, window, kernel, pool) -> Tensor:
     """SnapKV window scores: the Triton reduction over the last `window` queries, then the reference's pooling."""
-    from kvsurgery import reference
-
     b, _, t, _ = q.shape
     w = min(window, t)
     if w == 0:  # no observation window: the reference's (degenerate) result
