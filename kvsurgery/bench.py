@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvsurgery.bench_attention import QUANT_RECIPES
 from kvsurgery.errors import BudgetError, KVSurgeryError, RecipeError
 
 GIB = 2**30
@@ -92,7 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     parser.add_argument("--no-hf", action="store_true", help="skip HF's full-cache baseline")
     parser.add_argument("--kvpress-python", default=None, help="python of a venv with kvpress (transformers<5.3)")
-    parser.add_argument("--attention", action="store_true", help="benchmark the decode-attention kernel alone")
+    parser.add_argument("--attention", action="store_true", help="benchmark the decode-attention kernels alone")
+    parser.add_argument(
+        "--quant",
+        default=",".join(QUANT_RECIPES),
+        help="--attention: quantization recipes whose layouts get a fused-dequantization kernel row ('' = none)",
+    )
     parser.add_argument("--out", default="kvsurgery-bench.json", help="JSON results file")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -373,9 +379,10 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"kvsurgery bench: {meta['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, shape {args.shape} {dtype}")
     if args.attention:
-        from kvsurgery.bench_attention import attention_rows
+        from kvsurgery.bench_attention import attention_rows, split_recipes
 
-        results = attention_rows(args.shape, contexts, batches, device, dtype, bandwidth)
+        quant = split_recipes(args.quant)
+        results = attention_rows(args.shape, contexts, batches, device, dtype, bandwidth, quant)
         for result in results:
             if result["status"] != "ok":
                 print(f"attention kernel: {result['status']}: {result['reason']}")

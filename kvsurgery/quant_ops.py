@@ -185,3 +185,9 @@ def attend_quantized(
 @attend_quantized.register_fake
 def _(q, *args, **kwargs):
     return torch.empty_like(q)
+
+
+# The fused-dequantization Triton kernel becomes the CUDA implementation of `attend_quantized` (CPU: the reference).
+from kvsurgery.kernels import register_quantized_kernel  # noqa: E402
+
+register_quantized_kernel()

@@ -84,9 +84,14 @@ def window_scores(
     allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
     logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    scores = probs.mean(dim=(2, 3)).float()
-    prefix = pool1d(scores[..., : t - w], kernel, pool)
-    return torch.cat([prefix, scores[..., t - w :]], dim=-1)
+    return pool_prefix(probs.mean(dim=(2, 3)).float(), w, kernel, pool)
+
+
+def pool_prefix(scores: Tensor, window: int, kernel: int, pool: str) -> Tensor:
+    """SnapKV: pool the scores [..., T] of the tokens before the last `window`; window tokens keep theirs."""
+    t = scores.shape[-1]
+    prefix = pool1d(scores[..., : t - window], kernel, pool)
+    return torch.cat([prefix, scores[..., t - window :]], dim=-1)
 
 
 def accumulated_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, chunk: int = 256) -> Tensor:

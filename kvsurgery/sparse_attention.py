@@ -19,6 +19,8 @@ the reference's per-head top-k of q[C].k[C]). The current token is always select
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -123,14 +125,16 @@ def approximate_scores(
     channels: Tensor,
     scale: float,
     bits: int,
+    width: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(score [B, Hkv, L], slots [B, Hkv, L], valid [B, Hkv, L]) over each segment's L = max(length) positions.
+    """(score [B, Hkv, L], slots [B, Hkv, L], valid [B, Hkv, L]) over each segment's first L positions, L = `width`
+    or else max(length) (read from the device).
 
     score = the query group's summed softmax of q[C].label * scale: its approximate attention mass. Invalid
     positions score -inf; the current token (pos == seen - 1) scores +inf so it is always selected.
     """
     n_kv = start.shape[1]
-    max_len = int(length.max()) if length.numel() else 0
+    max_len = width if width is not None else int(length.max()) if length.numel() else 0
     slots, rows = _segment_slots(start, max_len, pos.shape[1])
     p = pos[rows, slots].long()
     valid = (torch.arange(max_len, device=pos.device) < length.long()[..., None]) & (p >= 0)
@@ -147,15 +151,51 @@ def approximate_scores(
     return score, slots, valid
 
 
-def select_tokens(score: Tensor, slots: Tensor, valid: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+def select_tokens(
+    score: Tensor, slots: Tensor, valid: Tensor, k: Tensor, k_bound: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The top-k slots of each (row, KV head) by approximate score (ties: earliest), k [B] per row, in slot order:
-    (slots [B, Hkv, W], ok [B, Hkv, W]) with W = min(max k, L); `ok` is False past a row's k or its valid tokens."""
-    width = min(int(k.max()), score.shape[-1])
+    (slots [B, Hkv, W], ok [B, Hkv, W]) with W = min(`k_bound` or else max k, L); `ok` is False past a row's k or
+    its valid tokens."""
+    width = min(k_bound if k_bound is not None else int(k.max()), score.shape[-1])
     idx = top_indices(score, width)
     ok = valid.gather(-1, idx) & (torch.arange(width, device=idx.device) < k[:, None, None])
     order = torch.where(ok, idx, idx + score.shape[-1]).argsort(dim=-1)
     idx = idx.gather(-1, order)
     return slots.gather(-1, idx), ok.gather(-1, order)
+
+
+def select_without_sync(
+    q: Tensor,
+    pos: Tensor,
+    keep: Tensor,
+    start: Tensor,
+    length: Tensor,
+    seen: Tensor,
+    labels: Tensor,
+    label_range: Tensor | None,
+    channels: Tensor,
+    scale: float,
+    tokens: int,
+    fraction: float,
+    bits: int,
+) -> tuple[Tensor, Tensor]:
+    """`sparse_attend`'s selection with static shapes and no host sync (CUDA graphs can capture it): the same chosen
+    slots. Segments are scanned up to S / Hkv slots, the equal per-head capacity the doublesparse pass plans; a
+    longer segment fails a device-side assertion instead of being cut."""
+    width = pos.shape[1] // start.shape[1]
+    torch._assert_async(
+        (length <= width).all(), "sparse_attend on CUDA needs every segment within S / Hkv slots (equal capacities)"
+    )
+    score, slots, valid = approximate_scores(
+        q, labels, label_range, pos, start, length, seen, channels, scale, bits, width
+    )
+    if tokens > 0:
+        k, k_bound = torch.full((keep.shape[0],), tokens, dtype=torch.long, device=keep.device), tokens
+    else:  # Budget(fraction).resolve on the device: max(1, ceil(fraction * prompt)), bounded by the segment width
+        k = (keep.amax(-1).double() * fraction).ceil().clamp_min(1).long()
+        k_bound = max(1, math.ceil(fraction * width))
+    return select_tokens(score, slots, valid, k, k_bound)
 
 
 def attend_selected(q: Tensor, k_store: Tensor, v_store: Tensor, slots: Tensor, ok: Tensor, scale: float) -> Tensor:
@@ -197,7 +237,7 @@ def sparse_attend(
 
 # -- custom ops ---------------------------------------------------------------------------------------------
 # The channels reach the ops as a flat int list (a graph constant Inductor accepts), one row of r per query head.
-def _channel_table(channels: list[int], n_heads: int, device: torch.device) -> Tensor:
+def channel_table(channels: list[int], n_heads: int, device: torch.device) -> Tensor:
     return torch.tensor(channels, dtype=torch.long, device=device).reshape(n_heads, -1)
 
 
@@ -212,7 +252,7 @@ def label_fill_op(
     bits: int,
 ) -> None:
     """Double Sparsity prefill: labels of every stored key."""
-    table = _channel_table(channels, start.shape[1] * labels.shape[2], k_store.device)
+    table = channel_table(channels, start.shape[1] * labels.shape[2], k_store.device)
     label_fill_(labels, label_range, k_store, start, cap, table, bits)
 
 
@@ -232,7 +272,7 @@ def label_append_op(
     bits: int,
 ) -> None:
     """Double Sparsity decode: the label of the key `append_` just wrote."""
-    table = _channel_table(channels, start.shape[1] * labels.shape[2], k.device)
+    table = channel_table(channels, start.shape[1] * labels.shape[2], k.device)
     label_append_(labels, label_range, k, start, length, table, bits)
 
 
@@ -260,7 +300,7 @@ def sparse_attend_op(
     bits: int,
 ) -> Tensor:
     """Double Sparsity decode attention: top-k tokens per KV head by label score, exact attention over them."""
-    table = _channel_table(channels, q.shape[1], q.device)
+    table = channel_table(channels, q.shape[1], q.device)
     args = (q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, table)
     return sparse_attend(*args, scale, tokens, fraction, bits)
 
@@ -270,3 +310,9 @@ def _(
     q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels, scale, tokens, fraction, bits
 ):
     return torch.empty_like(q)
+
+
+# The gather kernel becomes the CUDA implementation of `sparse_attend` (CPU keeps the reference above).
+from kvsurgery.kernels import register_sparse_kernel  # noqa: E402
+
+register_sparse_kernel()

@@ -47,3 +47,36 @@ def test_attention_benchmark_is_skipped_without_cuda(tmp_path):
 
 def test_context_lists_accept_k_suffixes():
     assert _tokens("16K,64k, 300") == [16384, 65536, 300]
+
+
+def test_attention_rows_for_each_quantization_layout_count_the_bytes_their_store_holds():
+    """The attention benchmark's quantized rows on CPU (ops run their reference; timing stubbed): one row per recipe,
+    and the bytes they report are the bytes of the store tensors the kernel reads (plus the key pass of the
+    calibration pre-pass where the recipe squeezes logits)."""
+    import torch
+
+    from kvsurgery.bench_attention import QUANT_RECIPES, attention_group, quantized_store, recipe_layout, split_recipes
+    from kvsurgery.kernels.quantized_attention import bytes_read
+
+    calls = []
+
+    def one_call(fn):
+        out = fn()
+        assert out.shape == (1, 4, 1, 128) and torch.isfinite(out).all()
+        calls.append(1)
+        return 1.0
+
+    tokens, n_kv, d = 300, 2, 128
+    rows = attention_group(tokens, 1, n_kv, 4, d, torch.float32, 1e9, QUANT_RECIPES, torch.device("cpu"), one_call)
+    assert [r["kernel"] for r in rows] == ["attend (float32)"] + [f"attend_quantized {q}" for q in QUANT_RECIPES]
+    assert len(calls) == 2 + len(QUANT_RECIPES)  # dense kernel, SDPA, one per layout
+    assert rows[0]["bytes_read"] == 2 * n_kv * tokens * d * 4 + n_kv * tokens * 4
+    for recipe, row in zip(QUANT_RECIPES, rows[1:], strict=True):
+        lay, squeeze = recipe_layout(recipe)
+        store, packed, dense = quantized_store(lay, tokens, 1, n_kv, d, torch.float32, torch.device("cpu"))
+        assert packed + dense == tokens and row["packed_tokens"] == packed > 0
+        held = sum(t.nbytes for name, t in store.items() if name not in ("start", "length", "seen", "q_start", "q_len"))
+        again = sum(store[n].nbytes for n in ("qk_codes", "qk_scale", "qk_low")) if squeeze > 0 else 0
+        assert row["bytes_read"] == held + again == bytes_read(lay, packed, dense, n_kv, d, 1, 4, 4, squeeze)
+        assert row["of_dense_bytes"] < 1
+    assert split_recipes("kivi2(group=128,residual=256), quant1bit") == ("kivi2(group=128,residual=256)", "quant1bit")

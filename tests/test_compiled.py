@@ -1,6 +1,7 @@
 """The compiled path: apply(..., compile=True) hands the rewritten graphs to Inductor. Its tokens equal the eager
 surgery's through generate(), and later decode steps reuse the compiled graphs (no recompiles). This module
-holds the suite's two Inductor compiles (prefill + decode, about 20-40 s each on a 2-core CPU)."""
+holds the suite's Inductor compiles: prefill + decode of an H2O recipe (every core decode op) and of a KIVI recipe
+(the quantized-store ops), about 10-40 s each on a 2-core CPU."""
 
 import operator
 
@@ -13,6 +14,7 @@ from kvsurgery.read_order import snapshot_early_reads
 from kvsurgery.testing import left_padded_batch, tiny_model
 
 RECIPE = "h2o(window=2)"  # decode-time eviction by accumulated attention: every decode op runs
+QUANT_RECIPE = "snapkv(window=8)+kivi2(group=8,residual=8)"  # packed at prefill, a residual flush at decode
 NEW_TOKENS = 8
 
 
@@ -22,6 +24,19 @@ def _generate(model, ids, mask):
             ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
         )
     return out[:, ids.shape[1] :]
+
+
+def _count_compiles(monkeypatch) -> list[int]:
+    """Inductor compiles from now on (one entry each)."""
+    compiles = []
+    real_compile_fx = inductor.compile_fx
+
+    def counting_compile_fx(*args, **kwargs):  # compile_fx re-enters itself to apply config_patches
+        compiles.extend([1] if "config_patches" in kwargs else [])
+        return real_compile_fx(*args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", counting_compile_fx)
+    return compiles
 
 
 @pytest.mark.slow
@@ -34,14 +49,7 @@ def test_compiled_surgery_matches_eager_and_never_recompiles(monkeypatch):
     finally:
         kvsurgery.restore(model)
 
-    compiles = []
-    real_compile_fx = inductor.compile_fx
-
-    def counting_compile_fx(*args, **kwargs):  # compile_fx re-enters itself to apply config_patches
-        compiles.extend([1] if "config_patches" in kwargs else [])
-        return real_compile_fx(*args, **kwargs)
-
-    monkeypatch.setattr(inductor, "compile_fx", counting_compile_fx)
+    compiles = _count_compiles(monkeypatch)
     torch._dynamo.reset()
     kvsurgery.apply(model, RECIPE, budget=6, compile=True)
     try:
@@ -55,6 +63,31 @@ def test_compiled_surgery_matches_eager_and_never_recompiles(monkeypatch):
         with torch.compiler.set_stance("fail_on_recompile"):
             again = _generate(model, ids, mask)  # a fresh store: same graphs, no recompile at any step
         assert torch.equal(again, eager)
+        assert len(compiles) == 2
+    finally:
+        kvsurgery.restore(model)
+
+
+@pytest.mark.slow
+def test_compiled_quantized_store_matches_eager_and_never_recompiles(monkeypatch):
+    """KIVI 2-bit under Inductor: packed prefill, residual flushes and fused-dequantization attention inside the
+    compiled decode graph give the eager tokens, and every decode step reuses that graph."""
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32, seed=3)
+    ids, mask = left_padded_batch([40, 29], seed=5)
+    kvsurgery.apply(model, QUANT_RECIPE, budget=24)
+    try:
+        eager = _generate(model, ids, mask)
+        assert int(model._kvsurgery.last_store.layers[0].planes["q_len"].min()) > 16, "a residual flush ran"
+    finally:
+        kvsurgery.restore(model)
+    compiles = _count_compiles(monkeypatch)
+    torch._dynamo.reset()
+    kvsurgery.apply(model, QUANT_RECIPE, budget=24, compile=True)
+    try:
+        assert torch.equal(_generate(model, ids, mask), eager)
+        assert len(compiles) == 2, "one Inductor graph for the prefill, one for every decode step"
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.equal(_generate(model, ids, mask), eager)
         assert len(compiles) == 2
     finally:
         kvsurgery.restore(model)
