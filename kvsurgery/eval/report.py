@@ -119,7 +119,10 @@ def markdown(rows: list[dict], comparisons: dict[str, list[dict]] | None = None)
 
 def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
     """Accuracy vs cache bytes, one line per recipe over its budgets (kvpress dashed), full as a star."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("the accuracy plot needs matplotlib: pip install 'kvsurgery[plot]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
