@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import pathlib
 import platform
 import sys
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from kvsurgery import models
     from kvsurgery.eval import harness, kvpress_adapter, report, tasks
 
+    if importlib.util.find_spec("matplotlib") is None:
+        print("kvsurgery eval draws its plot with matplotlib: pip install 'kvsurgery[plot]'", file=sys.stderr)
+        return 2
     if args.merge:
         return _merge(args.merge, pathlib.Path(args.out))
     if args.threads:
