@@ -47,7 +47,7 @@ SHAPES = {
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,  # KIVI's default groups of 32 channels fit
         max_position_embeddings=131072,
     ),
 }

@@ -14,6 +14,7 @@ consecutive channels (KIVI values). Codes are packed along the channel axis, 8 /
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,8 @@ class QuantSpec:
             raise ValueError(f"{what} head_dim {dim} x {self.bits} bits is not a whole number of bytes")
         if self.axis == "token" and dim % self.group:
             raise ValueError(
-                f"group size {self.group} does not divide {what} head_dim {dim}; use a divisor of {dim} (e.g. 32)"
+                f"group size {self.group} does not divide {what} head_dim {dim}; use a divisor of {dim}, "
+                f"e.g. group={math.gcd(dim, self.group)}"
             )
 
     def text(self) -> str:
