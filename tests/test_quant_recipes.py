@@ -186,7 +186,7 @@ def test_bad_options_are_clear_errors(recipe, message):
 
 def test_group_not_dividing_head_dim_and_decode_eviction_are_refused_at_apply():
     model = tiny_model("llama", layers=1, head_dim=16)
-    with pytest.raises(RecipeError, match="group size 32 does not divide value head_dim 16; use a divisor of 16, e.g. group=16"):
+    with pytest.raises(RecipeError, match=r"group size 32 does not divide value head_dim 16; .* e\.g\. group=16"):
         kvsurgery.apply(model, "kivi2")
     with pytest.raises(RecipeError, match="cannot be combined with decode-time eviction"):
         kvsurgery.apply(model, "streaming+quant1bit(bits=2)", budget=8)
