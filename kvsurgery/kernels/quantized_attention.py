@@ -20,10 +20,10 @@ from kvsurgery.kernels.split_kv_attention import (
     _keys_in_block,
     _load_group_queries,
     _load_rows,
-    _merge_kernel,
     _pow2,
     _segment_piece,
     default_splits,
+    merge_splits,
 )
 from kvsurgery.quant_layout import QuantLayout
 from kvsurgery.quantization import QuantSpec
@@ -442,20 +442,7 @@ def quantized_decode_attention(
         SQUEEZE=squeezing,
         PRECISION=precision,
     )
-    _merge_kernel[(b * hq,)](
-        o_part,
-        lse_part,
-        out,
-        lse,
-        hq,
-        out.stride(0),
-        out.stride(1),
-        out.stride(3),
-        D=d,
-        D_PAD=d_pad,
-        N_SPLITS=splits,
-        SPLITS_PAD=_pow2(splits, 2),
-    )
+    merge_splits(o_part, lse_part, out, lse, splits)
     return out
 
 

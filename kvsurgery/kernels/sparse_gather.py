@@ -18,8 +18,8 @@ from kvsurgery.kernels.split_kv_attention import (
     LOG2E,
     _load_group_queries,
     _load_rows,
-    _merge_kernel,
     _pow2,
+    merge_splits,
 )
 
 
@@ -173,18 +173,5 @@ def gather_attention(
         UPCAST=upcast,
         PRECISION=precision,
     )
-    _merge_kernel[(b * hq,)](
-        o_part,
-        lse_part,
-        out,
-        lse,
-        hq,
-        out.stride(0),
-        out.stride(1),
-        out.stride(3),
-        D=d,
-        D_PAD=d_pad,
-        N_SPLITS=splits,
-        SPLITS_PAD=_pow2(splits, 2),
-    )
+    merge_splits(o_part, lse_part, out, lse, splits)
     return out

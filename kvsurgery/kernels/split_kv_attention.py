@@ -241,6 +241,25 @@ def _pow2(n: int, least: int) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
+def merge_splits(o_part: Tensor, lse_part: Tensor, out: Tensor, lse: Tensor, splits: int) -> None:
+    """Stage 2 of every split-KV kernel: merge each query head's `splits` partial outputs into out [B, Hq, 1, D]."""
+    b, hq, _, d = out.shape
+    _merge_kernel[(b * hq,)](
+        o_part,
+        lse_part,
+        out,
+        lse,
+        hq,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
+        D=d,
+        D_PAD=_pow2(d, 16),
+        N_SPLITS=splits,
+        SPLITS_PAD=_pow2(splits, 2),
+    )
+
+
 def default_splits(batch: int, n_kv: int, slots: int, block_n: int, device: torch.device) -> int:
     """Splits per (row, KV head): enough programs to fill the device, none shorter than one block.
 
@@ -319,20 +338,7 @@ def decode_attention(
         UPCAST=upcast,
         PRECISION=precision,
     )
-    _merge_kernel[(b * hq,)](
-        o_part,
-        lse_part,
-        out,
-        lse,
-        hq,
-        out.stride(0),
-        out.stride(1),
-        out.stride(3),
-        D=d,
-        D_PAD=d_pad,
-        N_SPLITS=splits,
-        SPLITS_PAD=_pow2(splits, 2),
-    )
+    merge_splits(o_part, lse_part, out, lse, splits)
     if slot_score is not None:
         _accumulate_kernel[(b * n_kv, splits)](
             q,
