@@ -33,3 +33,23 @@ def head_caps(importance: torch.Tensor, base: int, beta: float) -> list[list[int
     pool = shared * importance.numel()
     min_num = base - shared
     return [[round(float(x) * pool + min_num) for x in row] for row in importance]
+
+
+def redistribute_overflow(caps: list[list[int]], limit: int, importance: torch.Tensor) -> list[list[int]]:
+    """The spec's optional mode (section 1.7): caps above `limit` (the tokens a head can select) are cut to it and
+    the excess goes to the heads below it in proportion to their importance, repeatedly, until it is spent or every
+    head is full. The total is kept (up to `limit` per head); a head's cap never shrinks below min(cap, limit)."""
+    flat = torch.tensor(caps, dtype=torch.int64).flatten()
+    weight = importance.flatten().double()
+    total = min(int(flat.sum()), limit * flat.numel())
+    flat = flat.clamp(max=limit)
+    while (left := total - int(flat.sum())) > 0:
+        room = flat < limit
+        w = torch.where(room, weight, 0.0)
+        w = w if w.sum() > 0 else room.double()  # only zero-importance heads have room: share evenly
+        share = w / w.sum() * left
+        add = share.floor().long()
+        rest = left - int(add.sum())  # whole units still owed: to the largest remainders (all on heads with room)
+        add[(share - add).argsort(descending=True)[:rest]] += 1
+        flat = (flat + add).clamp(max=limit)
+    return flat.reshape(len(caps), -1).tolist()

@@ -19,7 +19,7 @@ import torch
 
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import CalibrationError
-from kvsurgery.headkv_budget import head_caps, kv_head_importance
+from kvsurgery.headkv_budget import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.pass_base import Pass, PlanState
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
@@ -38,6 +38,7 @@ class _HeadKVBase(Pass):
         calibration: str | None = None  # artefact from `kvsurgery calibrate headkv`
         beta: float = 1.01  # pool share: floor(b / beta) per head is pooled; larger = more uniform
         temp: float = 1.0  # scores are raised to this power before sharing
+        redistribute: bool = False  # give the budget of caps above the prompt to other heads (not in the paper)
 
         def __post_init__(self):
             if not self.beta >= 1.0:
@@ -88,7 +89,8 @@ class _HeadKVBase(Pass):
         """Static per-KV-head budgets: the formula's cap plus the always-kept sinks and window.
 
         Faithful to the reference code: when the prompt has fewer selectable tokens than `base`, every head keeps
-        everything; a cap above what a head can select is truncated (the total then falls short of the budget).
+        everything; a cap above what a head can select is truncated (the total then falls short of the budget),
+        unless `redistribute` hands that excess to the other heads.
         """
         site = state.site
         always = state.selection.sinks + state.selection.window
@@ -97,8 +99,10 @@ class _HeadKVBase(Pass):
         if base > selectable:
             state.keep = [state.prompt_len] * site.n_kv_heads
             return
-        caps = head_caps(self.shares, base, self.options.beta)[site.layer]
-        state.keep = [min(cap, selectable) + always for cap in caps]
+        caps = head_caps(self.shares, base, self.options.beta)
+        if self.options.redistribute:
+            caps = redistribute_overflow(caps, selectable, self.shares)
+        state.keep = [min(cap, selectable) + always for cap in caps[site.layer]]
 
 
 @register_pass

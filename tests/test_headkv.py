@@ -11,7 +11,7 @@ from kvsurgery.calibration import headkv as cal
 from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
 from kvsurgery.calibration.haystack import Case
 from kvsurgery.errors import CalibrationError
-from kvsurgery.headkv_budget import head_caps, kv_head_importance
+from kvsurgery.headkv_budget import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.manager import build_recipe
 from kvsurgery.sites import AttentionSite
 from kvsurgery.testing import greedy, left_padded_batch, tiny_model
@@ -43,6 +43,18 @@ def test_caps_sum_to_the_budget_keep_min_num_and_larger_beta_is_more_uniform(sha
     assert max(caps_hi) - min(caps_hi) <= max(caps_lo) - min(caps_lo) + 1
 
 
+@given(importance(), st.integers(0, 500), st.floats(1.0, 5.0), st.integers(1, 600))
+def test_redistributed_caps_keep_the_total_stay_under_the_limit_and_never_shrink(shares, base, beta, limit):
+    caps = head_caps(shares, base, beta)
+    out = redistribute_overflow(caps, limit, shares)
+    flat_in, flat_out = [c for row in caps for c in row], [c for row in out for c in row]
+    assert len(out) == len(caps) and all(len(a) == len(b) for a, b in zip(out, caps, strict=True))
+    assert sum(flat_out) == min(sum(flat_in), limit * len(flat_in))  # nothing of the budget is lost
+    assert all(min(c, limit) <= o <= limit for c, o in zip(flat_in, flat_out, strict=True))
+    if max(flat_in) <= limit:
+        assert out == caps  # no overflow: the faithful caps
+
+
 def test_formula_worked_values():
     uniform = torch.full((2, 4), 1 / 8, dtype=torch.float64)
     assert head_caps(uniform, 120, 1.01) == [[120] * 4] * 2  # min_num 2 + pool share 118
@@ -68,8 +80,8 @@ def _sites(n_layers: int) -> list[AttentionSite]:
     return [AttentionSite(i, f"layers.{i}.attn", "sdpa", 4, 2, 16, 16, 0.25, None) for i in range(n_layers)]
 
 
-def _plan(shares: torch.Tensor, budget: int, prompt_len: int) -> list[list[int]]:
-    recipe = build_recipe("headkv", budget=budget, calibration="unused.json")
+def _plan(shares: torch.Tensor, budget: int, prompt_len: int, text: str = "headkv") -> list[list[int]]:
+    recipe = build_recipe(text, budget=budget, calibration="unused.json")
     recipe.passes[1].shares = shares
     return [list(p.keep) for p in recipe.plan(_sites(len(shares)), [prompt_len], 8)]
 
@@ -83,6 +95,13 @@ def test_plan_keeps_caps_plus_window_and_truncates_faithfully():
     keeps = _plan(heavy, 40, 60)  # the heavy head's cap (121) exceeds the 52 selectable tokens: it keeps all 60
     assert keeps[1][1] == 60 and sum(map(sum, keeps)) < 4 * 40  # the repo's truncation: the total falls short
     assert _plan(heavy, 40, 39) == [[39, 39], [39, 39]]  # base 32 > 31 selectable: no compression at all
+
+
+def test_redistribute_gives_a_truncated_heads_excess_to_the_others():
+    heavy = torch.tensor([[0.01, 0.01], [0.01, 0.97]], dtype=torch.float64)
+    keeps = _plan(heavy, 40, 60, "headkv(redistribute=true)")
+    assert keeps[1][1] == 60 and abs(sum(map(sum, keeps)) - 4 * 40) <= 2  # the excess went to the other heads
+    assert min(map(min, keeps)) > min(map(min, _plan(heavy, 40, 60)))
 
 
 # -- the needle criteria -----------------------------------------------------------------------------------------
