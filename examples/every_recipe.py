@@ -1,13 +1,15 @@
 """Every recipe at a 20% budget on the real SmolLM2-135M: does it still answer, and does it still write sense?
 
     python examples/every_recipe.py --calibrations DIR [--prompt needle|continue] [--length 2048] [--new 48]
+    python examples/every_recipe.py --prompt continue --recipes "snapkv+quant2bit(group=32)" kivi4
 
 For each recipe, greedily: `--prompt needle` answers a ~2K-token needle prompt (the eval's `niah_single` task)
 and the table shows whether the needle's number came out; `--prompt continue` writes on after ~2K tokens of plain
 English sentences, a free continuation whose coherence can be read. Both show how many generated tokens equal
 the full cache's greedy output, the cache allocated, and the text itself. Recipes that need calibration
 read it from DIR (headkv.json, headkv-r2.json, prefixkv.json, channels.json: see the README's calibration
-commands); the ones whose file is missing are listed and skipped.
+commands); the ones whose file is missing are listed and skipped. `--recipes` runs the given recipes (after `full`,
+the reference) instead of the list; those that select tokens run at 20%, options and calibration paths inline.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from tqdm import tqdm
 
 import kvsurgery
 from kvsurgery.calibration.haystack import filler_sentences
+from kvsurgery.errors import BudgetError
 from kvsurgery.eval import tasks
+from kvsurgery.manager import build_recipe
 from kvsurgery.models import load_model
 
 BUDGET = 0.2
@@ -57,6 +61,15 @@ def _plain_text(tokenizer, length: int, seed: int) -> str:
     return text.rstrip()
 
 
+def _selects_tokens(recipe: str) -> bool:
+    """Whether a recipe needs a budget (it selects tokens) or keeps every token (`kivi4`)."""
+    try:
+        build_recipe(recipe, budget=None)
+    except BudgetError:
+        return True
+    return False
+
+
 def _agreement(new: torch.Tensor, reference: torch.Tensor) -> int:
     """Generated tokens equal, position by position, to the full cache's (greedy) output."""
     n = min(len(new), len(reference))
@@ -71,6 +84,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=48, help="tokens to generate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="every_recipe.json")
+    parser.add_argument("--recipes", nargs="+", help="recipes to run instead of the list, e.g. 'kivi2(group=64)'")
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2-135m")
@@ -81,8 +95,11 @@ def main() -> None:
         prompt, answers = _plain_text(tokenizer, args.length, args.seed), ()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     folder = pathlib.Path(args.calibrations)
-    runs = [(r, b, c) for r, b, c in RECIPES if c is None or (folder / c).exists()]
-    missing = [r for r, _, c in RECIPES if c is not None and not (folder / c).exists()]
+    recipes = RECIPES
+    if args.recipes:
+        recipes = [RECIPES[0]] + [(r, BUDGET if _selects_tokens(r) else None, None) for r in args.recipes]
+    runs = [(r, b, c) for r, b, c in recipes if c is None or (folder / c).exists()]
+    missing = [r for r, _, c in recipes if c is not None and not (folder / c).exists()]
     if missing:
         print(f"skipped (no calibration in {folder}): {', '.join(missing)}")
 

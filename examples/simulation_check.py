@@ -188,13 +188,16 @@ AttentionInterface.register("kvsim", lambda *a, **kw: ACTIVE[0].attention(*a, **
 
 
 @torch.no_grad()
-def simulate(model, sim: Simulation, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def simulate(model, sim: Simulation, ids: torch.Tensor, new_tokens: int, eos: int | None) -> torch.Tensor:
+    """Greedy decoding on the simulated cache, up to `new_tokens` or the end-of-sequence token (as generate)."""
     ACTIVE[:] = [sim]
     sim.prompt_len = ids.shape[1]
     logits = model(ids, past_key_values=sim.cache, use_cache=True).logits
     sim.compress()
     out = [logits[:, -1].argmax(-1, keepdim=True)]
     for step in range(new_tokens - 1):
+        if out[-1].item() == eos:
+            break
         sim.step = step
         pos = torch.tensor([[sim.prompt_len + step]])
         logits = model(out[-1], past_key_values=sim.cache, position_ids=pos, use_cache=True).logits
@@ -242,7 +245,8 @@ def main() -> None:
                     continue
                 sim = Simulation(args.recipe, args.budget, ratios, args.keep_first)
                 ids = tokenizer(s.prompt, return_tensors="pt").input_ids
-                text = tokenizer.decode(simulate(model, sim, ids, s.max_new_tokens), skip_special_tokens=True)
+                new = simulate(model, sim, ids, s.max_new_tokens, tokenizer.eos_token_id)
+                text = tokenizer.decode(new, skip_special_tokens=True)
                 first = text.strip().splitlines()[0] if text.strip() else ""
                 theirs = rec["prediction"].strip().splitlines()[0] if rec["prediction"].strip() else ""
                 agree = first == theirs  # eval's generate stops at EOS; compare the answer's first line
