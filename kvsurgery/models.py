@@ -10,6 +10,7 @@ plain safetensors under ~/.cache/kvsurgery (or $KVSURGERY_CACHE) so later loads 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import pathlib
@@ -88,7 +89,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn: str 
         path = cache_dir() / name_or_path / "hf"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _convert(name_or_path, path)
+            with open(path.parent / "convert.lock", "w") as lock:  # parallel test workers convert once
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    _convert(name_or_path, path)
     elif not path.is_dir():
         known = ", ".join(PACKAGED)
         raise UnsupportedModelError(f"'{name_or_path}' is neither a packaged model ({known}) nor a local folder")

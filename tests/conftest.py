@@ -7,6 +7,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit decoration
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):  # pytest -n N: one share of the cores each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 import pytest
 from hypothesis import HealthCheck, settings
