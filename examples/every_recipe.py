@@ -24,9 +24,8 @@ from tqdm import tqdm
 
 import kvsurgery
 from kvsurgery.calibration.haystack import filler_sentences
-from kvsurgery.errors import BudgetError
 from kvsurgery.eval import tasks
-from kvsurgery.manager import build_recipe
+from kvsurgery.manager import selects_tokens
 from kvsurgery.models import load_model
 
 BUDGET = 0.2
@@ -61,15 +60,6 @@ def _plain_text(tokenizer, length: int, seed: int) -> str:
     return text.rstrip()
 
 
-def _selects_tokens(recipe: str) -> bool:
-    """Whether a recipe needs a budget (it selects tokens) or keeps every token (`kivi4`)."""
-    try:
-        build_recipe(recipe, budget=None)
-    except BudgetError:
-        return True
-    return False
-
-
 def _agreement(new: torch.Tensor, reference: torch.Tensor) -> int:
     """Generated tokens equal, position by position, to the full cache's (greedy) output."""
     n = min(len(new), len(reference))
@@ -97,7 +87,7 @@ def main() -> None:
     folder = pathlib.Path(args.calibrations)
     recipes = RECIPES
     if args.recipes:
-        recipes = [RECIPES[0]] + [(r, BUDGET if _selects_tokens(r) else None, None) for r in args.recipes]
+        recipes = [RECIPES[0]] + [(r, BUDGET if selects_tokens(r) else None, None) for r in args.recipes]
     runs = [(r, b, c) for r, b, c in recipes if c is None or (folder / c).exists()]
     missing = [r for r, _, c in recipes if c is not None and not (folder / c).exists()]
     if missing:

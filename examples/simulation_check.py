@@ -147,8 +147,8 @@ class Simulation:
             return
         n = self.cache.layers[0].keys.shape[2]
         end = n - q.recent
-        if q.group and q.k_axis == "channel":
-            end = -(-end // q.group) * q.group if self.recipe == "kivi2" else end // q.group * q.group
+        if q.flush:  # KIVI: whole groups of keys, at most `recent` tokens left in full precision
+            end = -(-end // q.group) * q.group
         a = self.keep_first
         for layer, cache in enumerate(self.cache.layers):
             self.span[layer] = (a, max(a, end))

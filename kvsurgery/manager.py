@@ -266,6 +266,15 @@ def build_recipe(text: str, budget=None, **options) -> Recipe:
     return recipe
 
 
+def selects_tokens(text: str) -> bool:
+    """Whether recipe `text` selects tokens, so it needs a budget (`snapkv`), or keeps every one (`full`, `kivi2`)."""
+    try:
+        build_recipe(text, budget=None)
+    except BudgetError:
+        return True
+    return False
+
+
 def check_sites(recipe: Recipe, sites: list[AttentionSite]) -> None:
     for p in recipe.passes:
         p.check(sites, recipe.budget)

@@ -129,17 +129,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _takes_budget(recipe: str) -> bool:
     """Whether a recipe selects tokens (runs once per budget) or keeps them all (`full`, `kivi2`: runs once)."""
-    from kvsurgery.errors import BudgetError
     from kvsurgery.eval import kvpress_adapter
-    from kvsurgery.manager import build_recipe
+    from kvsurgery.manager import selects_tokens
 
     if kvpress_adapter.is_kvpress(recipe):
         return recipe != "kvpress:full"
-    try:
-        build_recipe(recipe, budget=None)
-    except BudgetError:
-        return True
-    return False
+    return selects_tokens(recipe)
 
 
 def _merge(folders: list[str], out: pathlib.Path) -> int:
