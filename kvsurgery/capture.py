@@ -9,7 +9,8 @@ from torch import fx
 from transformers.cache_utils import DynamicCache
 
 from kvsurgery.errors import UnsupportedModelError
-from kvsurgery.fx_utils import example, module_path, op_counts, own_code_copy
+from kvsurgery.fx_utils import example, module_path, op_counts
+from kvsurgery.private_compile import PrivateCompile
 from kvsurgery.sites import AttentionSite, SiteMatch, find_attention, find_cache_updates, find_sites
 
 ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "matmul")
@@ -82,8 +83,9 @@ def discover(model: torch.nn.Module) -> Discovery:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
             model(input_ids=ids[:, :3], past_key_values=cache, use_cache=True)
-            step = own_code_copy(_decode_step, f"kvsurgery_discover_{id(model):x}")
-            torch.compile(step, backend=capture, fullgraph=True)(model, ids[:, 3:], cache)
+            # released on exit: nothing of this capture (guards on the model, the graph) outlives discover()
+            with PrivateCompile(_decode_step, f"kvsurgery_discover_{id(model):x}", capture, fullgraph=True) as step:
+                step(model, ids[:, 3:], cache)
     except torch._dynamo.exc.TorchDynamoException as exc:
         raise UnsupportedModelError(f"Dynamo could not capture {name}'s decode step in one graph: {exc}") from exc
     graph = graphs[-1].graph

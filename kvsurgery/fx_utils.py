@@ -89,6 +89,7 @@ def arg(node: fx.Node, index: int, name: str, default=None):
 
 
 def own_code_copy(fn, name: str):
-    """A copy of `fn` with its own code object. Dynamo stores compiled entries, and counts recompiles, per code
-    object: each rewritten model gets a private one, so models never share (or exhaust) each other's entries."""
-    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
+    """A copy of `fn` with its own code object and globals. Dynamo stores compiled entries, and counts recompiles,
+    per code object, and installs compiled graphs as globals of the frame: each rewritten model gets private ones,
+    so models never share (or exhaust) each other's entries, and the module's globals never collect graphs."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), dict(fn.__globals__), name)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 
 import torch
 from torch import fx
 from transformers.cache_utils import Cache
 
 from kvsurgery.errors import KVSurgeryError
-from kvsurgery.fx_utils import own_code_copy
 from kvsurgery.manager import GraphReport, Recipe
+from kvsurgery.private_compile import PrivateCompile
 from kvsurgery.read_order import snapshot_early_reads
 from kvsurgery.sites import AttentionSite
 from kvsurgery.store import KVStore, LayerPlan
@@ -57,8 +58,11 @@ class Surgery:
         self.defaults = {
             p.name: p.default for p in self.signature.parameters.values() if p.default is not inspect.Parameter.empty
         }
-        step = own_code_copy(_forward_step, f"kvsurgery_forward_{id(self):x}")
-        self.compiled_step = torch.compile(step, backend=self._backend, fullgraph=True, **_COMPILE_LIMITS)
+        self.compiled_step = PrivateCompile(
+            _forward_step, f"kvsurgery_forward_{id(self):x}", _weak_backend(self), fullgraph=True, **_COMPILE_LIMITS
+        )
+        # restore() releases the compiled state; a model deleted while applied releases it when collected
+        self._release = weakref.finalize(self, self.compiled_step.release)
         self._params = {s.layer: next(model.get_submodule(s.module).parameters()) for s in sites}
 
     # -- graph side ---------------------------------------------------------------------------------
@@ -162,8 +166,21 @@ class Surgery:
         model._kvsurgery = self
 
     def uninstall(self) -> None:
+        """Put the model's own methods back and drop everything compiled for it (nothing else refers to it)."""
         for name in ("forward", "generate", "_kvsurgery"):
             self.model.__dict__.pop(name, None)
+        self._release()
+
+
+def _weak_backend(surgery: Surgery):
+    """The Dynamo backend of `surgery`, holding it weakly: Dynamo keeps backends in a process-wide table, which
+    must not keep a deleted model alive."""
+    ref = weakref.ref(surgery)
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        return ref()._backend(gm, example_inputs)
+
+    return backend
 
 
 def _row_lengths(mask, batch: int, width: int) -> list[int]:

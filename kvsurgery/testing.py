@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import torch
 from transformers import (
     Gemma3ForCausalLM,
@@ -188,3 +191,11 @@ def image_prompt(model: torch.nn.Module, before: int = 6, after: int = 20, seed:
         "image_grid_thw": grid,
         "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
     }
+
+
+def resident_mib() -> float:
+    """This process's resident memory (RSS) in MiB after a full garbage collection; Linux (/proc) only."""
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
