@@ -58,8 +58,16 @@ def soak(base, mode: str, cycles: int, args, ids: torch.Tensor) -> list[dict]:
             del model
         now = resident_mib()
         alive = sum(r() is not None for r in refs)
-        rows.append({"mode": mode, "cycle": cycle, "rss_mib": round(now, 1), "delta_mib": round(now - last, 1),
-                     "alive": alive, "seconds": round(time.perf_counter() - start, 2)})
+        rows.append(
+            {
+                "mode": mode,
+                "cycle": cycle,
+                "rss_mib": round(now, 1),
+                "delta_mib": round(now - last, 1),
+                "alive": alive,
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
         print(f"{mode:8} {cycle:5} {now:9.1f} {now - last:+8.1f} {alive:6} {rows[-1]['seconds']:8.2f}", flush=True)
         last = now
     return rows
@@ -85,15 +93,20 @@ def main() -> None:
     vocab = base.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(3, vocab, (1, args.prompt))
     start = resident_mib()
-    print(f"{args.model}: {sum(p.numel() for p in base.parameters()) * 4 / 2**20:.0f} MiB of fp32 weights; "
-          f"RSS at start {start:.1f} MiB; torch {torch.__version__}")
+    print(
+        f"{args.model}: {sum(p.numel() for p in base.parameters()) * 4 / 2**20:.0f} MiB of fp32 weights; "
+        f"RSS at start {start:.1f} MiB; torch {torch.__version__}"
+    )
     print(f"{'mode':8} {'cycle':>5} {'rss MiB':>9} {'delta':>8} {'alive':>6} {'seconds':>8}")
     rows = soak(base, "copy", args.copy, args, ids) + soak(base, "restore", args.restore, args, ids)
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         with open(args.out, "w") as f:
-            json.dump({"settings": settings, "torch": torch.__version__, "start_rss_mib": round(start, 1),
-                       "rows": rows}, f, indent=1)
+            json.dump(
+                {"settings": settings, "torch": torch.__version__, "start_rss_mib": round(start, 1), "rows": rows},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

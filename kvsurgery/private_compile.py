@@ -1,18 +1,20 @@
 """torch.compile of a private copy of a function, with a `release` that forgets everything Dynamo keeps for it.
 
-Dynamo stores compiled entries and guards on the code object, the backend in a process-wide table, recorded
-guard failures per code object and memos keyed by code object, none of which it frees on its own. `release` drops exactly this copy's share, so
-a rewritten model and all that was compiled for it can be freed without `torch._dynamo.reset()`, which would also
-discard the user's own compiled code.
+Dynamo keeps, and never frees on its own: compiled entries and guards on the code object, the backend in a
+process-wide table, recorded guard failures and dynamic-shape state per code object, memos keyed by code object,
+and per guarded object a `weakref.finalize` holding the guards (alive as long as the longest-lived object they
+check). `release` drops exactly this copy's share, so a rewritten model and all that was compiled for it can be
+freed without `torch._dynamo.reset()`, which would also discard the user's own compiled code.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
-from torch._dynamo import bytecode_transformation, guards
+from torch._dynamo import bytecode_transformation, guards, pgo
 from torch._dynamo.eval_frame import cached_backends
 from torch._dynamo.utils import guard_failures
 
@@ -51,14 +53,30 @@ class PrivateCompile:
 
     def release(self) -> None:
         """Drop the copy's compiled entries and guards (their cleanup hooks remove the compiled graphs from the
-        copy's globals), its recorded guard failures, the backend Dynamo registered and the memos keyed by code
-        object; other code's compiled entries are untouched."""
+        copy's globals) with their finalizers, its recorded guard failures and dynamic-shape state, the backend
+        Dynamo registered and the memos keyed by code object; other code's compiled entries are untouched."""
         code = self.step.__code__
+        managers = {id(entry.guard_manager) for entry in _debug_get_cache_entry_list(code)}
         reset_code(code)
+        _detach_invalidators(managers)
         guard_failures.pop(code, None)
+        shape_state = getattr(pgo, "_CODE_STATE", None) or {}
+        for key in [k for k in shape_state if (k.name, k.firstlineno) == (code.co_name, code.co_firstlineno)]:
+            del shape_state[key]
         for key, wrapper in list(cached_backends.items()):
             if getattr(wrapper, "compiler_fn", wrapper) is self._backend:
                 del cached_backends[key]
         for memo in _CODE_MEMOS:
             if memo is not None:
                 memo.cache_clear()
+
+
+def _detach_invalidators(managers: set[int]) -> None:
+    """Detach the finalizers Dynamo registered to invalidate the guards with these ids (`CheckFunctionManager.
+    invalidate` bound to the guards' owner): the entries are gone, and the finalizers would keep their guards."""
+    if not managers:
+        return
+    for finalizer, info in list(weakref.finalize._registry.items()):
+        owner = getattr(getattr(info.func, "func", None), "__self__", None)
+        if id(getattr(owner, "guard_manager", None)) in managers:
+            finalizer.detach()
