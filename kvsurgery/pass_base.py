@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from kvsurgery.fx_utils import op_name
-from kvsurgery.ops import STORE_MUTATES
+from kvsurgery.ops.core import STORE_MUTATES
 from kvsurgery.sites import AttentionSite, SiteMatch
 from kvsurgery.store import Plane
 

@@ -1,4 +1,4 @@
-"""PyTorch reference of PrefixKV's ops (seed-algorithms section 5), the specification of `kvsurgery.prefixkv_ops`.
+"""PyTorch reference of PrefixKV's ops (seed-algorithms section 5), the specification of `kvsurgery.ops.prefixkv`.
 
 Store layout as in `kvsurgery.reference`: per batch row, each KV head owns the slots [start, start + cap), of
 which the first `length` are filled (in any position order).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-import kvsurgery.quant_ops  # noqa: F401  (registers torch.ops.kvsurgery.*_quantized*)
+import kvsurgery.ops.quant  # noqa: F401  (registers torch.ops.kvsurgery.*_quantized*)
 from kvsurgery import registry
 from kvsurgery.errors import RecipeError, UnsupportedModelError
 from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from kvsurgery import ops
 from kvsurgery.errors import CacheCapacityError, KVSurgeryError
+from kvsurgery.ops.core import STORE_MUTATES
 
-CORE_TENSORS = ops.STORE_MUTATES
+CORE_TENSORS = STORE_MUTATES
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsurgery import prefixkv_ops  # noqa: F401  (registers torch.ops.kvsurgery.prefixkv_*)
+import kvsurgery.ops.prefixkv  # noqa: F401  (registers torch.ops.kvsurgery.prefixkv_*)
 from kvsurgery.budget import Budget
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import BudgetError, CalibrationError

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 
-import kvsurgery.quant_ops  # noqa: F401  (registers the quantized-store ops)
+import kvsurgery.ops.quant  # noqa: F401  (registers the quantized-store ops)
 from kvsurgery import quant_reference as qref
 from kvsurgery import sparse_attention as sa
 from kvsurgery.kernels import append_quantized_without_sync, gather_attention, quantized_decode_attention

@@ -108,7 +108,7 @@ def sparse_attend(
 
 def register_quantized_kernel() -> None:
     """Make the fused-dequantization kernel the CUDA implementation of `attend_quantized`, and the sync-free append
-    that of `append_quantized_` (called by quant_ops)."""
+    that of `append_quantized_` (called by ops.quant)."""
     torch.library.register_kernel("kvsurgery::attend_quantized", "cuda", _attend_quantized)
     torch.library.register_kernel("kvsurgery::append_quantized_", "cuda", append_quantized_without_sync)
 

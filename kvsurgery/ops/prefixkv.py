@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from kvsurgery import prefixkv_reference as reference
-from kvsurgery.ops import STORE_MUTATES
+from kvsurgery.ops.core import STORE_MUTATES
 
 
 @torch.library.custom_op("kvsurgery::prefixkv_scores", mutates_args=())

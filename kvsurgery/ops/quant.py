@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from kvsurgery import quant_reference
-from kvsurgery.ops import STORE_MUTATES
+from kvsurgery.ops.core import STORE_MUTATES
 from kvsurgery.quant_layout import QUANT_TENSORS
 
 _MUTATED = (*STORE_MUTATES, *QUANT_TENSORS)

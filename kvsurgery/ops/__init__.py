@@ -1,0 +1,3 @@
+"""kvsurgery custom ops (`torch.ops.kvsurgery.*`)."""
+
+from kvsurgery.ops import core  # noqa: F401
