@@ -5,7 +5,7 @@ model.generate(ids, max_new_tokens=64)     # runs on a real, fixed-capacity comp
 print(kvsurgery.explain(model))
 """
 
-from kvsurgery import ops  # noqa: F401  (registers torch.ops.kvsurgery.*)
+from kvsurgery import ops
 from kvsurgery.api import apply, new_cache, restore
 from kvsurgery.errors import (
     BudgetError,
@@ -37,3 +37,5 @@ __all__ = [
     "restore",
 ]
 __version__ = "0.1.0"
+
+ops.register()  # torch.ops.kvsurgery.*, with their CUDA kernels

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvsurgery.bench_attention import QUANT_RECIPES
+from kvsurgery.bench_attention import QUANT_RECIPES, attention_rows, split_recipes
 from kvsurgery.errors import BudgetError, KVSurgeryError, RecipeError
 
 GIB = 2**30
@@ -379,10 +379,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"kvsurgery bench: {meta['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, shape {args.shape} {dtype}")
     if args.attention:
-        from kvsurgery.bench_attention import attention_rows, split_recipes
-
         quant = split_recipes(args.quant)
-        results = attention_rows(args.shape, contexts, batches, device, dtype, bandwidth, quant)
+        results = attention_rows(SHAPES[args.shape], contexts, batches, device, dtype, bandwidth, quant)
         for result in results:
             if result["status"] != "ok":
                 print(f"attention kernel: {result['status']}: {result['reason']}")

@@ -145,7 +145,7 @@ def attention_group(
 
 
 def attention_rows(
-    shape: str,
+    cfg: dict,
     contexts: list[int],
     batches: list[int],
     device: torch.device,
@@ -153,12 +153,9 @@ def attention_rows(
     bandwidth: float,
     quant: tuple[str, ...] = QUANT_RECIPES,
 ) -> list[dict]:
-    """Rows per (tokens per KV head, batch) of the named model shape's attention geometry."""
-    from kvsurgery.bench import SHAPES
-
+    """Rows per (tokens per KV head, batch) of the attention geometry of a model shape (its config keywords)."""
     if device.type != "cuda":
         return [dict(status="skipped", reason="the Triton decode-attention kernels run on CUDA (CPU: the reference)")]
-    cfg = SHAPES[shape]
     rows = []
     for tokens in contexts:
         for batch in batches:

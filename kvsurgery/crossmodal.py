@@ -1,5 +1,5 @@
 """CSP, Cross-Self KV cache pruning for vision-language models (Pei et al., 2024; seed-algorithms section 3):
-the reference math and its custom op.
+the reference math of `kvsurgery.ops.csp`.
 
 The attention of the last `window` prompt queries (n-softmax) is split into intra-modality ("self": query and key
 both text or both visual) and inter-modality ("cross") parts, summed over those queries per key. A KV head keeps its
@@ -92,25 +92,3 @@ def csp_priority(
     self_pick, cross_pick = csp_select(s_self, s_cross, valid & ~forced, n_select, cross_ratio)
     total = (s_self + s_cross) / (min(window, t) + 1)
     return torch.where(self_pick | cross_pick, total + 2.0, total)
-
-
-@torch.library.custom_op("kvsurgery::score_csp", mutates_args=())
-def score_csp(
-    q: Tensor,
-    k: Tensor,
-    mask: Tensor | None,
-    is_visual: Tensor,
-    keep: Tensor,
-    scale: float,
-    window: int,
-    cross_ratio: float,
-    n: int,
-) -> Tensor:
-    """CSP priority scores [B, Hkv, T] (self/cross budgets, deduplicated) for `select_compact_`."""
-    return csp_priority(q, k, mask, is_visual, keep, scale, window, cross_ratio, n)
-
-
-@score_csp.register_fake
-def _(q, k, mask, is_visual, keep, scale, window, cross_ratio, n):
-    b, n_kv, t, _ = k.shape
-    return k.new_empty((b, n_kv, t), dtype=torch.float32)

@@ -18,9 +18,8 @@ import torch
 from torch import fx
 
 from kvsurgery.fx_utils import op_name
-from kvsurgery.ops.core import STORE_MUTATES
 from kvsurgery.sites import AttentionSite, SiteMatch
-from kvsurgery.store import Plane
+from kvsurgery.store import CORE_TENSORS, Plane
 
 PHASES = ("score", "budget", "select", "quant", "attend")
 
@@ -121,7 +120,7 @@ class SiteRewrite:
         return node
 
     def store_args(self) -> tuple[fx.Node, ...]:
-        return tuple(self.store[name] for name in STORE_MUTATES)
+        return tuple(self.store[name] for name in CORE_TENSORS)
 
 
 class Pass:

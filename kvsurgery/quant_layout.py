@@ -24,8 +24,6 @@ import torch
 from kvsurgery.quantization import QuantSpec
 from kvsurgery.store import Plane
 
-QUANT_TENSORS = ("qk_codes", "qk_scale", "qk_low", "qv_codes", "qv_scale", "qv_low", "q_start", "q_cap", "q_len")
-
 
 def _ceil_to(n: int, m: int) -> int:
     return -(-n // m) * m

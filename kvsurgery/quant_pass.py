@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-import kvsurgery.ops.quant  # noqa: F401  (registers torch.ops.kvsurgery.*_quantized*)
 from kvsurgery import registry
 from kvsurgery.errors import RecipeError, UnsupportedModelError
 from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
-from kvsurgery.quant_layout import QUANT_TENSORS, QuantLayout
+from kvsurgery.quant_layout import QuantLayout
 from kvsurgery.quantization import QUANTIZABLE_DTYPES
 from kvsurgery.sites import AttentionSite
+from kvsurgery.store import QUANT_TENSORS
 
 
 class QuantPass(Pass):

@@ -1,4 +1,4 @@
-"""Double Sparsity (Yang et al., 2024; seed-algorithms section 2): the reference math and its custom ops.
+"""Double Sparsity (Yang et al., 2024; seed-algorithms section 2): the reference math of `kvsurgery.ops.doublesparse`.
 
 Every token stays in the store. Each stored key also has a *label*: its values on the r offline-calibrated outlier
 channels of each query head of its group (post-RoPE), optionally as per-token min-max codes of `bits` bits. A decode
@@ -235,84 +235,6 @@ def sparse_attend(
     return attend_selected(q, k_store, v_store, chosen, ok, scale)
 
 
-# -- custom ops ---------------------------------------------------------------------------------------------
 # The channels reach the ops as a flat int list (a graph constant Inductor accepts), one row of r per query head.
 def channel_table(channels: list[int], n_heads: int, device: torch.device) -> Tensor:
     return torch.tensor(channels, dtype=torch.long, device=device).reshape(n_heads, -1)
-
-
-@torch.library.custom_op("kvsurgery::label_fill_", mutates_args=("labels", "label_range"))
-def label_fill_op(
-    labels: Tensor,
-    label_range: Tensor | None,
-    k_store: Tensor,
-    start: Tensor,
-    cap: Tensor,
-    channels: list[int],
-    bits: int,
-) -> None:
-    """Double Sparsity prefill: labels of every stored key."""
-    table = channel_table(channels, start.shape[1] * labels.shape[2], k_store.device)
-    label_fill_(labels, label_range, k_store, start, cap, table, bits)
-
-
-@label_fill_op.register_fake
-def _(labels, label_range, k_store, start, cap, channels, bits):
-    return None
-
-
-@torch.library.custom_op("kvsurgery::label_append_", mutates_args=("labels", "label_range"))
-def label_append_op(
-    labels: Tensor,
-    label_range: Tensor | None,
-    k: Tensor,
-    start: Tensor,
-    length: Tensor,
-    channels: list[int],
-    bits: int,
-) -> None:
-    """Double Sparsity decode: the label of the key `append_` just wrote."""
-    table = channel_table(channels, start.shape[1] * labels.shape[2], k.device)
-    label_append_(labels, label_range, k, start, length, table, bits)
-
-
-@label_append_op.register_fake
-def _(labels, label_range, k, start, length, channels, bits):
-    return None
-
-
-@torch.library.custom_op("kvsurgery::sparse_attend", mutates_args=())
-def sparse_attend_op(
-    q: Tensor,
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    keep: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    labels: Tensor,
-    label_range: Tensor | None,
-    channels: list[int],
-    scale: float,
-    tokens: int,
-    fraction: float,
-    bits: int,
-) -> Tensor:
-    """Double Sparsity decode attention: top-k tokens per KV head by label score, exact attention over them."""
-    table = channel_table(channels, q.shape[1], q.device)
-    args = (q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, table)
-    return sparse_attend(*args, scale, tokens, fraction, bits)
-
-
-@sparse_attend_op.register_fake
-def _(
-    q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels, scale, tokens, fraction, bits
-):
-    return torch.empty_like(q)
-
-
-# The gather kernel becomes the CUDA implementation of `sparse_attend` (CPU keeps the reference above).
-from kvsurgery.kernels import register_sparse_kernel  # noqa: E402
-
-register_sparse_kernel()

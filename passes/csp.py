@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsurgery import crossmodal  # noqa: F401  (registers torch.ops.kvsurgery.score_csp)
 from kvsurgery.modality import visual_mask, visual_token_ids
 from kvsurgery.pass_base import Pass, Selection, SiteRewrite, kv_op
 from kvsurgery.registry import register_pass

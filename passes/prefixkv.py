@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import kvsurgery.ops.prefixkv  # noqa: F401  (registers torch.ops.kvsurgery.prefixkv_*)
 from kvsurgery.budget import Budget
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import BudgetError, CalibrationError

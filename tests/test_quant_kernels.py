@@ -11,7 +11,6 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 
-import kvsurgery.ops.quant  # noqa: F401  (registers the quantized-store ops)
 from kvsurgery import quant_reference as qref
 from kvsurgery import sparse_attention as sa
 from kvsurgery.kernels import append_quantized_without_sync, gather_attention, quantized_decode_attention
@@ -19,8 +18,9 @@ from kvsurgery.kernels import quantized_attention as quant_module
 from kvsurgery.kernels import sparse_attend as sparse_attend_kernel
 from kvsurgery.kernels import sparse_gather as gather_module
 from kvsurgery.kernels.quant_append import flush_residual_without_sync
-from kvsurgery.quant_layout import QUANT_TENSORS, QuantLayout
+from kvsurgery.quant_layout import QuantLayout
 from kvsurgery.quantization import QuantSpec
+from kvsurgery.store import QUANT_TENSORS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1 (conftest)")
