@@ -75,7 +75,7 @@ class LayerPlan:
 
 
 class StoreLayer:
-    """The tensors of one layer's compressed store (see `kvsurgery.reference` for their layout)."""
+    """The tensors of one layer's compressed store (see `kvsurgery.reference.core` for their layout)."""
 
     def __init__(self, plan: LayerPlan, batch: int, dtype: torch.dtype, device: torch.device):
         self.plan = plan

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsurgery import sparse_attention
 from kvsurgery.calibration.doublesparse import load_channels
 from kvsurgery.errors import CalibrationError, RecipeError
 from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
+from kvsurgery.reference import doublesparse as sparse_attention
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
 from kvsurgery.store import Plane

@@ -19,8 +19,8 @@ import torch
 
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import CalibrationError
-from kvsurgery.headkv_budget import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.pass_base import Pass, PlanState
+from kvsurgery.reference.headkv import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quant_pass import QuantPass
-from kvsurgery.quantization import QuantSpec
+from kvsurgery.passes.quant import QuantPass
+
+from kvsurgery.reference.quant_codes import QuantSpec
+from kvsurgery.reference.quant_layout import QuantLayout
 from kvsurgery.registry import register_pass
 
 

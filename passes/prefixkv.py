@@ -16,7 +16,7 @@ from kvsurgery.budget import Budget
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import BudgetError, CalibrationError
 from kvsurgery.pass_base import OLDEST_FIRST, Eviction, Pass, PlanState, Selection, SiteRewrite, kv_op
-from kvsurgery.prefixkv_budget import decode_room, prefix_keep
+from kvsurgery.reference.prefixkv_budget import decode_room, prefix_keep
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
 

@@ -6,10 +6,10 @@ import torch
 from hypothesis import given
 
 import kvsurgery
-from kvsurgery import crossmodal as cm
-from kvsurgery import reference as ref
 from kvsurgery.errors import UnsupportedModelError
 from kvsurgery.pass_base import Pass, SiteRewrite
+from kvsurgery.reference import core as ref
+from kvsurgery.reference import csp as cm
 from kvsurgery.store import LayerPlan, StoreLayer
 from kvsurgery.testing import IMAGE_TOKEN, image_prompt, tiny_model, tiny_vlm
 

@@ -9,8 +9,6 @@ import torch
 from hypothesis import given
 
 import kvsurgery
-from kvsurgery import reference as ref
-from kvsurgery import sparse_attention as sa
 from kvsurgery.calibration.corpus import calibration_blocks
 from kvsurgery.calibration.doublesparse import (
     calibrate_model,
@@ -20,6 +18,8 @@ from kvsurgery.calibration.doublesparse import (
     save_channels,
 )
 from kvsurgery.errors import CalibrationError, RecipeError
+from kvsurgery.reference import core as ref
+from kvsurgery.reference import doublesparse as sa
 from kvsurgery.store import LayerPlan, Plane, StoreLayer
 from kvsurgery.testing import greedy, left_padded_batch, tiny_model
 

@@ -11,8 +11,8 @@ from kvsurgery.calibration import headkv as cal
 from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
 from kvsurgery.calibration.haystack import Case
 from kvsurgery.errors import CalibrationError
-from kvsurgery.headkv_budget import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.manager import build_recipe
+from kvsurgery.reference.headkv import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.sites import AttentionSite
 from kvsurgery.testing import greedy, left_padded_batch, tiny_model
 

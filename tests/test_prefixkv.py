@@ -9,11 +9,11 @@ import torch
 from hypothesis import given
 
 import kvsurgery
-from kvsurgery import prefixkv_reference as pref
 from kvsurgery.calibration import prefixkv as cal
 from kvsurgery.calibration.artefact import save
 from kvsurgery.errors import BudgetError, CalibrationError
-from kvsurgery.prefixkv_budget import decode_room, prefix_keep
+from kvsurgery.reference import prefixkv as pref
+from kvsurgery.reference.prefixkv_budget import decode_room, prefix_keep
 from kvsurgery.store import LayerPlan, StoreLayer
 from kvsurgery.testing import left_padded_batch, tiny_model
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 
-from kvsurgery import quant_reference as qref
-from kvsurgery import sparse_attention as sa
 from kvsurgery.kernels import append_quantized_without_sync, gather_attention, quantized_decode_attention
-from kvsurgery.kernels import quantized_attention as quant_module
+from kvsurgery.kernels import doublesparse_gather as gather_module
+from kvsurgery.kernels import quant_attention as quant_module
 from kvsurgery.kernels import sparse_attend as sparse_attend_kernel
-from kvsurgery.kernels import sparse_gather as gather_module
 from kvsurgery.kernels.quant_append import flush_residual_without_sync
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quantization import QuantSpec
+from kvsurgery.reference import doublesparse as sa
+from kvsurgery.reference import quant as qref
+from kvsurgery.reference.quant_codes import QuantSpec
+from kvsurgery.reference.quant_layout import QuantLayout
 from kvsurgery.store import QUANT_TENSORS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

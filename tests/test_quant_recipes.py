@@ -8,8 +8,8 @@ import kvsurgery
 from kvsurgery.errors import RecipeError, UnsupportedModelError
 from kvsurgery.manager import build_recipe
 from kvsurgery.pass_base import Pass, SiteRewrite
-from kvsurgery.quant_reference import read_packed
-from kvsurgery.quantization import QuantSpec, dequantize_tokens, quantize_tokens
+from kvsurgery.reference.quant import read_packed
+from kvsurgery.reference.quant_codes import QuantSpec, dequantize_tokens, quantize_tokens
 from kvsurgery.testing import greedy, left_padded_batch, tiny_model
 
 PROMPT, NEW, D, ITEM = 120, 4, 64, 4  # float32 model, head_dim 64

@@ -1,4 +1,4 @@
-"""Properties of the quantized store ops (`kvsurgery.quant_reference`): the same kept tokens as the unquantized
+"""Properties of the quantized store ops (`kvsurgery.reference.quant`): the same kept tokens as the unquantized
 store, packed round trips, attention against float64 over the dequantized tokens, KIVI residual bookkeeping."""
 
 import dataclasses
@@ -8,10 +8,10 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import given
 
-from kvsurgery import quant_reference as qref
-from kvsurgery import reference as ref
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quantization import QuantSpec, dequantize_tokens, quantize_tokens, squeeze_logits
+from kvsurgery.reference import core as ref
+from kvsurgery.reference import quant as qref
+from kvsurgery.reference.quant_codes import QuantSpec, dequantize_tokens, quantize_tokens, squeeze_logits
+from kvsurgery.reference.quant_layout import QuantLayout
 from kvsurgery.store import LayerPlan, StoreLayer
 
 D = 16

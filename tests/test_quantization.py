@@ -1,11 +1,11 @@
-"""Properties of the quantizers and bit packing (the math of `kvsurgery.quantization`), measured in float64."""
+"""Properties of the quantizers and bit packing (the math of `kvsurgery.reference.quant_codes`), measured in float64."""
 
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given
 
-from kvsurgery.quantization import (
+from kvsurgery.reference.quant_codes import (
     QuantSpec,
     dequantize_tokens,
     fit_range,

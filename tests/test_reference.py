@@ -7,7 +7,7 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import given
 
-from kvsurgery import reference as ref
+from kvsurgery.reference import core as ref
 from kvsurgery.store import LayerPlan, StoreLayer
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 
-from kvsurgery import reference as ref
 from kvsurgery.kernels import score_window, window_attention_mass
-from kvsurgery.kernels import window_scores as scores_module
+from kvsurgery.kernels import snapkv_window as scores_module
+from kvsurgery.reference import core as ref
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1 (conftest)")

@@ -13,14 +13,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kvsurgery import reference
-from kvsurgery import sparse_attention as ds
 from kvsurgery.kernels.append_evict import append
+from kvsurgery.kernels.doublesparse_gather import gather_attention
 from kvsurgery.kernels.quant_append import append_quantized_without_sync
-from kvsurgery.kernels.quantized_attention import quantized_decode_attention
-from kvsurgery.kernels.sparse_gather import gather_attention
+from kvsurgery.kernels.quant_attention import quantized_decode_attention
+from kvsurgery.kernels.snapkv_window import window_attention_mass
 from kvsurgery.kernels.split_kv_attention import decode_attention
-from kvsurgery.kernels.window_scores import window_attention_mass
+from kvsurgery.reference import core as reference
+from kvsurgery.reference import doublesparse as ds
 
 
 def score_window(q: Tensor, k: Tensor, mask: Tensor | None, scale, window, kernel, pool) -> Tensor:

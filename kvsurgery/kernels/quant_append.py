@@ -1,6 +1,6 @@
 """`append_quantized_` without host syncs or data-dependent shapes, the CUDA implementation (CUDA graphs capture it).
 
-The reference (`kvsurgery.quant_reference.append_quantized_`) flushes only the heads whose KIVI residual is full,
+The reference (`kvsurgery.reference.quant.append_quantized_`) flushes only the heads whose KIVI residual is full,
 selected with boolean masks, and checks capacities on the host. Here every head takes part with fixed shapes:
 heads that do not flush write nothing (`put_where`), capacity checks are device-side assertions, and the new token
 goes through `kvsurgery::append_` (its Triton kernel on CUDA). The resulting store is bit-identical to the
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quant_reference import _grid
-from kvsurgery.quantization import QuantSpec, pack, quantize_tokens
+from kvsurgery.reference.quant import _grid
+from kvsurgery.reference.quant_codes import QuantSpec, pack, quantize_tokens
+from kvsurgery.reference.quant_layout import QuantLayout
 
 
 def put_where(t: Tensor, rows: Tensor, cols: Tensor, values: Tensor, valid: Tensor) -> None:

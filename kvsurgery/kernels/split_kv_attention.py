@@ -5,7 +5,7 @@ once for all G query heads of its group (GQA) and writes a partial softmax (norm
 Stage 2 merges the splits of every query head. The optional stage 3 (H2O bookkeeping) re-reads the keys and
 adds each slot's final attention, averaged over the group, to `slot_score`. Softmax runs in float32 (base 2).
 Split sizes derive from the per-head `length` inside the kernel, so the launch depends on static shapes only
-(no host sync; CUDA-graph safe). Matches `kvsurgery.reference.attend` / `attend_accumulate_`.
+(no host sync; CUDA-graph safe). Matches `kvsurgery.reference.core.attend` / `attend_accumulate_`.
 """
 
 from __future__ import annotations

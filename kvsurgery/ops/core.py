@@ -1,6 +1,6 @@
 """The core ops: the `kv_update` marker, token scores and budgets, and the store's select, append and attention.
 
-Their CPU implementation is the PyTorch reference (`kvsurgery.reference`); the decode ops and SnapKV's window
+Their CPU implementation is the PyTorch reference (`kvsurgery.reference.core`); the decode ops and SnapKV's window
 scores also have Triton kernels on CUDA (`kvsurgery.kernels`). Mutating ops write the store in place and return
 nothing, so Inductor re-inplaces them.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery import reference
 from kvsurgery.errors import SurgeryNotAppliedError
 from kvsurgery.ops.schema import OpDef, like_q, token_scores
+from kvsurgery.reference import core as reference
 from kvsurgery.store import CORE_TENSORS
 
 SCORE_PARAMS = ("Tensor q", "Tensor k", "Tensor? mask", "float scale")  # what every prefill scoring op reads

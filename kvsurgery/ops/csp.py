@@ -1,9 +1,9 @@
-"""CSP's op (`torch.ops.kvsurgery.score_csp`), backed by `kvsurgery.crossmodal`."""
+"""CSP's op (`torch.ops.kvsurgery.score_csp`), backed by `kvsurgery.reference.csp`."""
 
 from __future__ import annotations
 
-from kvsurgery import crossmodal
 from kvsurgery.ops.schema import OpDef, token_scores
+from kvsurgery.reference import csp as crossmodal
 
 OPS = (
     # Priority scores [B, Hkv, T] (self/cross budgets, deduplicated) for `select_compact_`.

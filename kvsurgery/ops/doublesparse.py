@@ -1,4 +1,4 @@
-"""Double Sparsity's ops (`torch.ops.kvsurgery.label_*_`, `sparse_attend`), backed by `kvsurgery.sparse_attention`.
+"""Double Sparsity's ops (`kvsurgery::label_*_`, `sparse_attend`), backed by `kvsurgery.reference.doublesparse`.
 
 The calibrated channels reach them as a flat int list (a graph constant Inductor accepts) and become the [Hq, r]
 table the reference takes.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kvsurgery import sparse_attention as ds
 from kvsurgery.ops.schema import OpDef, like_q
+from kvsurgery.reference import doublesparse as ds
 from kvsurgery.store import LABEL_TENSORS
 
 

@@ -1,4 +1,4 @@
-"""PrefixKV's ops (`torch.ops.kvsurgery.prefixkv_*`); their specification is `kvsurgery.prefixkv_reference`.
+"""PrefixKV's ops (`torch.ops.kvsurgery.prefixkv_*`); their specification is `kvsurgery.reference.prefixkv`.
 
 `prefixkv_append_` is PrefixKV's own decode step (append + fixed-point anchor eviction). It is a separate op
 rather than a policy of the core `append_`, whose eviction picks victims by score or age, not by cache index.
@@ -6,8 +6,8 @@ rather than a policy of the core `append_`, whose eviction picks victims by scor
 
 from __future__ import annotations
 
-from kvsurgery import prefixkv_reference as reference
 from kvsurgery.ops.schema import OpDef, token_scores
+from kvsurgery.reference import prefixkv as reference
 from kvsurgery.store import CORE_TENSORS
 
 OPS = (

@@ -1,4 +1,4 @@
-"""Ops of the quantized store (`torch.ops.kvsurgery.*_quantized*`), backed by `kvsurgery.quant_reference`.
+"""Ops of the quantized store (`torch.ops.kvsurgery.*_quantized*`), backed by `kvsurgery.reference.quant`.
 
 They take the core store tensors (the dense, full-precision region), then the packed region's (`QUANT_TENSORS`);
 the layout travels as `QuantLayout.text()`.
@@ -6,8 +6,8 @@ the layout travels as `QuantLayout.text()`.
 
 from __future__ import annotations
 
-from kvsurgery import quant_reference
 from kvsurgery.ops.schema import OpDef, like_q
+from kvsurgery.reference import quant as quant_reference
 from kvsurgery.store import CORE_TENSORS, QUANT_TENSORS
 
 STORE = (*CORE_TENSORS, *QUANT_TENSORS)

@@ -7,9 +7,9 @@ import torch
 import kvsurgery
 from kvsurgery.errors import SurgeryNotAppliedError
 from kvsurgery.ops import OPS
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quantization import QuantSpec
-from kvsurgery.sparse_attention import label_width
+from kvsurgery.reference.doublesparse import label_width
+from kvsurgery.reference.quant_codes import QuantSpec
+from kvsurgery.reference.quant_layout import QuantLayout
 from kvsurgery.store import LayerPlan, Plane, StoreLayer
 
 B, N_KV, G, D, T = 2, 2, 2, 8, 6

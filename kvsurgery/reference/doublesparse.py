@@ -5,7 +5,7 @@ channels of each query head of its group (post-RoPE), optionally as per-token mi
 step scores every stored token approximately from the labels, keeps the top k per KV head and runs exact attention
 over those k tokens only.
 
-Layouts (one layer), in addition to the store's (see `kvsurgery.reference`):
+Layouts (one layer), in addition to the store's (see `kvsurgery.reference.core`):
   channels     [Hq, r] int64                  outlier channels of each query head (from the calibration)
   labels       [B, S, G, r]      bfloat16      bits == 16: the raw label values
                [B, S, G, r*bits/8] uint8       bits in (2, 4, 8): packed codes, lowest bits first
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kvsurgery.budget import Budget
-from kvsurgery.reference import NEG_INF, _group_queries, _segment_slots, acc_dtype, top_indices
+from kvsurgery.reference.core import NEG_INF, _group_queries, _segment_slots, acc_dtype, top_indices
 
 LABEL_BITS = (2, 4, 8, 16)
 

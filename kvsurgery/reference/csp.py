@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery.reference import NEG_INF, _group_queries, acc_dtype, allowed_keys, forced_keep, valid_keys
+from kvsurgery.reference.core import NEG_INF, _group_queries, acc_dtype, allowed_keys, forced_keep, valid_keys
 
 
 def n_softmax(logits: Tensor, n: int = 1) -> Tensor:

@@ -1,11 +1,12 @@
 """Split-KV Triton decode attention that reads the quantized store's packed 1/2/4-bit codes directly.
 
-Each (row, KV head) has a packed region (codes + per-group scale/lo, `kvsurgery.quant_layout`) and a full-precision
-dense region. Stage 1 gives each (row, KV head) `n_splits` programs; each takes its share of both regions, unpacks
-and dequantizes packed blocks in registers (x̂ = code * scale + lo, float32) and keeps one online softmax over both.
-CalibQuant's logit calibration (`squeeze` > 0) needs each query head's min/max packed logit before the softmax, so a
-pre-pass over the packed keys computes them first (it reads the key codes a second time). Stage 2 is the dense
-kernel's merge. Bits and group layouts are compile-time constants. Matches `kvsurgery.quant_reference.attend_quantized`.
+Each (row, KV head) has a packed region (codes + per-group scale/lo, `kvsurgery.reference.quant_layout`) and a
+full-precision dense region. Stage 1 gives each (row, KV head) `n_splits` programs; each takes its share of both
+regions, unpacks and dequantizes packed blocks in registers (x̂ = code * scale + lo, float32) and keeps one online
+softmax over both. CalibQuant's logit calibration (`squeeze` > 0) needs each query head's min/max packed logit before
+the softmax, so a pre-pass over the packed keys computes them first (it reads the key codes a second time). Stage 2 is
+the dense kernel's merge. Bits and group layouts are compile-time constants. Matches
+`kvsurgery.reference.quant.attend_quantized`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from kvsurgery.kernels.split_kv_attention import (
     default_splits,
     merge_splits,
 )
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quantization import QuantSpec
+from kvsurgery.reference.quant_codes import QuantSpec
+from kvsurgery.reference.quant_layout import QuantLayout
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def _packed_range_kernel(
 @triton.jit
 def _squeeze_map(lo_part_ptr, hi_part_ptr, head, g_ok, squeeze, N_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """(lo, factor) of each query head: its packed logits map to (s - lo) * factor + lo (CalibQuant's calibration,
-    `kvsurgery.quantization.squeeze_logits`: [min, max] -> [min, max - squeeze], collapsed when narrower)."""
+    `kvsurgery.reference.quant_codes.squeeze_logits`: [min, max] -> [min, max - squeeze], collapsed when narrower)."""
     sp = tl.arange(0, SPLITS_PAD)
     ok = g_ok[:, None] & (sp < N_SPLITS)[None, :]
     offs = head[:, None] * N_SPLITS + sp[None, :]

@@ -3,7 +3,7 @@
 The selection (label scores, top-k) stays in torch ops; this kernel reads only the chosen rows of the store.
 Stage 1 gives each (row, KV head) `n_splits` programs over its list of W selected slots; each gathers its share of
 keys and values once for all G query heads of the group and keeps an online softmax (float32, base 2). Stage 2 is
-the dense kernel's merge. Matches `kvsurgery.sparse_attention.attend_selected`.
+the dense kernel's merge. Matches `kvsurgery.reference.doublesparse.attend_selected`.
 """
 
 from __future__ import annotations

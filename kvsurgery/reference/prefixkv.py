@@ -1,6 +1,6 @@
 """PyTorch reference of PrefixKV's ops (seed-algorithms section 5), the specification of `kvsurgery.ops.prefixkv`.
 
-Store layout as in `kvsurgery.reference`: per batch row, each KV head owns the slots [start, start + cap), of
+Store layout as in `kvsurgery.reference.core`: per batch row, each KV head owns the slots [start, start + cap), of
 which the first `length` are filled (in any position order).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery.reference import accumulated_scores
+from kvsurgery.reference.core import accumulated_scores
 
 
 def layer_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:

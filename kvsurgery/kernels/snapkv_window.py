@@ -1,5 +1,5 @@
 """Triton prefill scoring reduction of SnapKV: the attention each key receives from the last `window` queries,
-averaged over them and the GQA group (`kvsurgery.reference.window_scores` before its pooling).
+averaged over them and the GQA group (`kvsurgery.reference.core.window_scores` before its pooling).
 
 The R = G * window query rows of a (row, KV head) attend to all T keys. Three launches, none of which
 materializes the [R, T] probabilities:

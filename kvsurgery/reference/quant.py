@@ -1,6 +1,6 @@
 """PyTorch reference of the quantized-store ops (the specification): prefill split, decode append, attention.
 
-Layout and policies: `kvsurgery.quant_layout`. The core tensors (k/v/pos/start/cap/length/seen) hold the dense
+Layout and policies: `kvsurgery.reference.quant_layout`. The core tensors (k/v/pos/start/cap/length/seen) hold the dense
 (full-precision) region; `keep` keeps the heads' budgets. The packed region's tensors follow, in `QUANT_TENSORS`
 order. Which tokens are kept at all is decided exactly as the unquantized store decides it
 (`reference.select_compact_`), so an eviction recipe keeps the same tokens with or without quantization.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery import reference
 from kvsurgery.errors import KVSurgeryError
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quantization import QuantSpec, compute_dtype, pack, quantize_tokens, squeeze_logits, unpack
+from kvsurgery.reference import core as reference
+from kvsurgery.reference.quant_codes import QuantSpec, compute_dtype, pack, quantize_tokens, squeeze_logits, unpack
+from kvsurgery.reference.quant_layout import QuantLayout
 
 NEG_INF = float("-inf")
 

@@ -1,9 +1,10 @@
 """`QuantPass`: the base of the low-bit storage passes (kivi2/kivi4, quant1bit/quant2bit).
 
 A quant pass provides "quant" (one per recipe) and takes over the store's "select" and "attend": whatever scoring and
-budget passes decide is kept exactly as without quantization, then stored packed (`kvsurgery.quant_layout`) and read
-by `kvsurgery::attend_quantized`. Sliding-window layers are left to the core select/attend (full precision: they hold
-at most their window). Decode-time eviction is refused: packed tokens share group statistics and are never evicted.
+budget passes decide is kept exactly as without quantization, then stored packed (`kvsurgery.reference.quant_layout`)
+and read by `kvsurgery::attend_quantized`. Sliding-window layers are left to the core select/attend (full precision:
+they hold at most their window). Decode-time eviction is refused: packed tokens share group statistics and are never
+evicted.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 from kvsurgery import registry
 from kvsurgery.errors import RecipeError, UnsupportedModelError
 from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quantization import QUANTIZABLE_DTYPES
+from kvsurgery.reference.quant_codes import QUANTIZABLE_DTYPES
+from kvsurgery.reference.quant_layout import QuantLayout
 from kvsurgery.sites import AttentionSite
 from kvsurgery.store import QUANT_TENSORS
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsurgery.quantization import QuantSpec
+from kvsurgery.reference.quant_codes import QuantSpec
 from kvsurgery.store import Plane
 
 
