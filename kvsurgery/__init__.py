@@ -20,6 +20,8 @@ from kvsurgery.explain import explain
 from kvsurgery.pass_base import Pass
 from kvsurgery.registry import recipes, register_pass
 
+ops.register()  # defines torch.ops.kvsurgery.* and their CUDA kernels, once
+
 __all__ = [
     "BudgetError",
     "CacheCapacityError",
@@ -37,5 +39,3 @@ __all__ = [
     "restore",
 ]
 __version__ = "0.1.0"
-
-ops.register()  # torch.ops.kvsurgery.*, with their CUDA kernels

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvsurgery.bench_attention import QUANT_RECIPES, attention_rows, split_recipes
-from kvsurgery.errors import BudgetError, KVSurgeryError, RecipeError
+from kvsurgery.errors import KVSurgeryError, RecipeError
 
 GIB = 2**30
 SHAPES = {
@@ -226,17 +226,9 @@ def _guarded(row: Row, device: torch.device, body) -> Row:
 
 def _budget_for(recipe: str, budget: float) -> float | None:
     """The budget a recipe takes: `budget`, or None for recipes that keep everything (e.g. 'full')."""
-    from kvsurgery.manager import build_recipe
+    from kvsurgery.manager import selects_tokens
 
-    try:
-        build_recipe(recipe, budget)
-        return budget
-    except BudgetError as first:
-        try:
-            build_recipe(recipe, None)
-            return None
-        except BudgetError:
-            raise first from None
+    return budget if selects_tokens(recipe) else None
 
 
 def _unregistered(recipe: str) -> str | None:

@@ -1,4 +1,4 @@
-"""`kivi2` / `kivi4`: KIVI 2- and 4-bit KV cache quantization (Liu et al., 2024), seed-algorithms section 7.5."""
+"""`kivi2` / `kivi4`: KIVI 2- and 4-bit KV cache quantization (Liu et al., 2024, arXiv 2402.02750); docs/quant.md."""
 
 from __future__ import annotations
 

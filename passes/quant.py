@@ -9,6 +9,8 @@ evicted.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from kvsurgery import registry
@@ -25,6 +27,10 @@ class QuantPass(Pass):
 
     phase = "quant"
     provides = frozenset({"quant", "select", "attend"})
+    excludes: ClassVar[dict[str, str]] = {
+        "decode_eviction": "decode-time eviction ('{rival}'): packed tokens share their group's statistics and are "
+        "never evicted; use a prefill recipe such as 'snapkv+{name}' or 'pyramidkv+{name}'"
+    }
     squeeze: float = 0.0
     uses_modality: bool = False  # CalibQuant quantizes visual tokens first when a pass provides "is_visual"
 
@@ -36,11 +42,10 @@ class QuantPass(Pass):
         cores = self.__dict__.setdefault("_cores", {})
         if name not in cores:
             cores[name] = registry.core(name)()
-            cores[name].recipe = self.recipe
         return cores[name]
 
     # -- validation ---------------------------------------------------------------------------------------
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, recipe) -> None:
         dtype = getattr(model, "dtype", None)
         if dtype not in QUANTIZABLE_DTYPES:
             raise UnsupportedModelError(
@@ -48,18 +53,7 @@ class QuantPass(Pass):
                 "convert it (e.g. model.to(torch.bfloat16)) or use a recipe without quantization"
             )
 
-    def check(self, sites: list[AttentionSite], budget) -> None:
-        if self.recipe.eviction is not None:
-            raise RecipeError(
-                f"'{self.name}' cannot be combined with decode-time eviction (h2o, streaming, decode_window): packed "
-                "tokens share their group's statistics and are never evicted; use a prefill recipe such as "
-                f"'snapkv+{self.name}' or 'pyramidkv+{self.name}'"
-            )
-        rivals = [p.name for p in self.recipe.passes if p is not self and not p.core and p.provides & self.provides]
-        if rivals:
-            raise RecipeError(
-                f"'{self.name}' and '{rivals[0]}' both replace the store's selection or decode attention; use one"
-            )
+    def check(self, sites: list[AttentionSite], recipe) -> None:
         quantized = [s for s in sites if not s.sliding_window]
         if not quantized:
             raise UnsupportedModelError(
@@ -81,7 +75,7 @@ class QuantPass(Pass):
         if site.sliding_window:
             return
         lay = self.layout()
-        shared = any(p.dynamic_budgets for p in self.recipe.passes)
+        shared = state.recipe.dynamic_budgets
         packed, dense = lay.allocation(state.keep, state.room, shared)
         state.dense_slots = dense
         state.planes += lay.planes(site.n_kv_heads, packed, site.head_dim, site.v_head_dim)
@@ -96,7 +90,7 @@ class QuantPass(Pass):
         quant = tuple(rw.store[name] for name in QUANT_TENSORS)
         layout = self.layout().text()
         if rw.phase == "prefill":
-            sel = self.recipe.selection
+            sel = rw.recipe.selection
             first = rw.products.get("is_visual") if self.uses_modality else None
             scores, budgets = rw.products.get("scores"), rw.products.get("budgets")
             args = (*rw.store_args(), *quant, rw.k, rw.v, scores, budgets, rw.mask, first, sel.sinks, sel.window)

@@ -1,5 +1,5 @@
-"""`quant1bit` / `quant2bit`: 1-bit (visual) KV quantization, CalibQuant (arXiv 2502.14882 v2), seed-algorithms
-section 4, with the v1 group-specific and quantile-based options."""
+"""`quant1bit` / `quant2bit`: 1-bit (visual) KV quantization, CalibQuant (arXiv 2502.14882 v2), with the
+v1 group-specific and quantile-based options; docs/quant.md."""
 
 from __future__ import annotations
 

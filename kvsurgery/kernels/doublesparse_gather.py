@@ -16,10 +16,10 @@ from torch import Tensor
 from kvsurgery.kernels.split_kv_attention import (
     _INTERPRET,
     LOG2E,
-    _load_group_queries,
-    _load_rows,
-    _pow2,
+    load_group_queries,
+    load_rows,
     merge_splits,
+    pow2,
 )
 
 
@@ -57,7 +57,7 @@ def _gather_split_kernel(
     h = bh % n_kv
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    g, q = _load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, UPCAST)
+    g, q = load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, UPCAST)
     chunk = tl.cdiv(tl.cdiv(width, N_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, width)
@@ -71,8 +71,8 @@ def _gather_split_kernel(
         n_ok = n < hi
         ok = n_ok & (tl.load(ok_ptr + sel + n, mask=n_ok, other=0) != 0)
         slot = tl.load(slots_ptr + sel + n, mask=ok, other=0)
-        k = _load_rows(k_ptr + b * stride_kb, slot, stride_ks, ok, d, d_ok)
-        v = _load_rows(v_ptr + b * stride_vb, slot, stride_vs, ok, d, d_ok)
+        k = load_rows(k_ptr + b * stride_kb, slot, stride_ks, ok, d, d_ok)
+        v = load_rows(v_ptr + b * stride_vb, slot, stride_vs, ok, d, d_ok)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -140,7 +140,7 @@ def gather_attention(
     ok = ok.to(torch.int8).contiguous()
     group = hq // n_kv
     splits = n_splits or gather_splits(b, n_kv, width, block_n, q.device)
-    d_pad = _pow2(d, 16)
+    d_pad = pow2(d, 16)
     upcast = _INTERPRET or q.dtype == torch.float32
     precision = "ieee" if q.dtype == torch.float32 else None
     o_part = _empty((b * hq * splits * d,), torch.float32, q.device)
@@ -165,7 +165,7 @@ def gather_attention(
         v_store.stride(1),
         width,
         G=group,
-        G_PAD=_pow2(group, 16),
+        G_PAD=pow2(group, 16),
         D=d,
         D_PAD=d_pad,
         N_SPLITS=splits,

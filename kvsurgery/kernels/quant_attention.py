@@ -18,13 +18,13 @@ from torch import Tensor
 
 from kvsurgery.kernels.split_kv_attention import (
     LOG2E,
-    _keys_in_block,
-    _load_group_queries,
-    _load_rows,
-    _pow2,
-    _segment_piece,
     default_splits,
+    keys_in_block,
+    load_group_queries,
+    load_rows,
     merge_splits,
+    pow2,
+    segment_piece,
 )
 from kvsurgery.reference.quant_codes import QuantSpec
 from kvsurgery.reference.quant_layout import QuantLayout
@@ -102,10 +102,10 @@ def _packed_range_kernel(
     split = tl.program_id(1)
     b = (bh // n_kv).to(tl.int64)
     h = bh % n_kv
-    p_start, lo, hi = _segment_piece(qstart_ptr, qlen_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
+    p_start, lo, hi = segment_piece(qstart_ptr, qlen_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    g, q = _load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, True)
+    g, q = load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, True)
     s_min = tl.full([G_PAD], float("inf"), tl.float32)
     s_max = tl.full([G_PAD], float("-inf"), tl.float32)
     for off in range(lo, hi, BLOCK_N):
@@ -225,7 +225,7 @@ def _quant_split_kernel(
     h = bh % n_kv
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    g, q = _load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, True)
+    g, q = load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, True)
     head = b * (n_kv * G) + h * G + g
     g_ok = g < G
     m = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -235,7 +235,7 @@ def _quant_split_kernel(
     # packed region: dequantize in registers, calibrate the logits (CalibQuant), one softmax with the dense region
     if SQUEEZE:
         s_lo, factor = _squeeze_map(lo_part_ptr, hi_part_ptr, head, g_ok, squeeze, N_SPLITS, SPLITS_PAD)
-    p_start, lo, hi = _segment_piece(qstart_ptr, qlen_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
+    p_start, lo, hi = segment_piece(qstart_ptr, qlen_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
     for off in range(lo, hi, BLOCK_N):
         n = off + tl.arange(0, BLOCK_N)
         n_ok = n < hi
@@ -276,14 +276,14 @@ def _quant_split_kernel(
         m, den, acc = _online_update(m, den, acc, s * LOG2E, n_ok, v, PRECISION)
 
     # dense (full-precision) region: the core store tensors, empty slots masked (no sliding window here)
-    seg_start, lo, hi = _segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
+    seg_start, lo, hi = segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
     for off in range(lo, hi, BLOCK_N):
         n = off + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         slot = seg_start + n
-        ok = _keys_in_block(pos_ptr, b * stride_pb, slot, n_ok, 0, 0)
-        k = _load_rows(k_ptr + b * stride_kb, slot, stride_ks, n_ok, d, d_ok).to(tl.float32)
-        v = _load_rows(v_ptr + b * stride_vb, slot, stride_vs, n_ok, d, d_ok).to(tl.float32)
+        ok = keys_in_block(pos_ptr, b * stride_pb, slot, n_ok, 0, 0)
+        k = load_rows(k_ptr + b * stride_kb, slot, stride_ks, n_ok, d, d_ok).to(tl.float32)
+        v = load_rows(v_ptr + b * stride_vb, slot, stride_vs, n_ok, d, d_ok).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)
         m, den, acc = _online_update(m, den, acc, s, ok, v, PRECISION)
 
@@ -365,7 +365,7 @@ def quantized_decode_attention(
     group = hq // n_kv
     slots = k_store.shape[1] + qk_codes.shape[1]
     splits = n_splits or default_splits(b, n_kv, slots, block_n, q.device)
-    d_pad = _pow2(d, 16)
+    d_pad = pow2(d, 16)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     squeezing = squeeze > 0
     o_part = _empty((b * hq * splits * d,), torch.float32, q.device)
@@ -373,7 +373,7 @@ def quantized_decode_attention(
     lse = _empty((b * hq,), torch.float32, q.device)
     lo_part = _empty((b * hq * splits,) if squeezing else (1,), torch.float32, q.device)
     hi_part = _empty((b * hq * splits,) if squeezing else (1,), torch.float32, q.device)
-    common = dict(G=group, G_PAD=_pow2(group, 16), D=d, D_PAD=d_pad, N_SPLITS=splits, BLOCK_N=block_n)
+    common = dict(G=group, G_PAD=pow2(group, 16), D=d, D_PAD=d_pad, N_SPLITS=splits, BLOCK_N=block_n)
     k_consts, v_consts = _spec_constants(lay.k, "K"), _spec_constants(lay.v, "V")
     if squeezing:
         _packed_range_kernel[(b * n_kv, splits)](
@@ -437,7 +437,7 @@ def quantized_decode_attention(
         qv_scale.stride(0),
         qv_scale.stride(1),
         **common,
-        SPLITS_PAD=_pow2(splits, 2),
+        SPLITS_PAD=pow2(splits, 2),
         **k_consts,
         **v_consts,
         SQUEEZE=squeezing,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kvsurgery.kernels.split_kv_attention import LOG2E, _pow2
+from kvsurgery.kernels.split_kv_attention import LOG2E, pow2
 
 
 @triton.jit
@@ -196,11 +196,11 @@ def window_attention_mass(
     allowed = allowed.to(torch.int8).contiguous()
     group = hq // n_kv
     rows = group * w
-    block_r = min(block_r, _pow2(rows, 16))
+    block_r = min(block_r, pow2(rows, 16))
     chunk = max(block_n, chunk // block_n * block_n)
     n_chunks, n_row_blocks = triton.cdiv(t, chunk), triton.cdiv(rows, block_r)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    consts = dict(G=group, D=d, D_PAD=_pow2(d, 16), BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision)
+    consts = dict(G=group, D=d, D_PAD=pow2(d, 16), BLOCK_R=block_r, BLOCK_N=block_n, PRECISION=precision)
     strides = (*q.stride()[:3], *k.stride()[:3], allowed.stride(0), allowed.stride(1))
     m_part = _empty((b * n_kv * n_chunks * rows,), torch.float32, q.device)
     den_part = _empty((b * n_kv * n_chunks * rows,), torch.float32, q.device)

@@ -46,7 +46,7 @@ def valid_keys(mask: Tensor | None, n_keys: int, batch: int) -> Tensor:
     return allowed_keys(mask, n_keys - 1, n_keys, n_keys, batch)[:, 0]
 
 
-def _group_queries(q: Tensor, n_kv: int) -> Tensor:
+def group_queries(q: Tensor, n_kv: int) -> Tensor:
     """[B, Hq, Tq, D] -> [B, Hkv, G, Tq, D]: query heads grouped by the KV head they read (GQA)."""
     b, hq, tq, d = q.shape
     return q.reshape(b, n_kv, hq // n_kv, tq, d)
@@ -79,7 +79,7 @@ def window_scores(
     n_kv = k.shape[1]
     w = min(window, t)
     dt = acc_dtype(q)
-    qw = _group_queries(q[:, :, t - w :], n_kv).to(dt)
+    qw = group_queries(q[:, :, t - w :], n_kv).to(dt)
     logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, k.to(dt)) * scale
     allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
     logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
@@ -103,7 +103,7 @@ def accumulated_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, 
     kk = k.to(dt)
     for r0 in range(0, t, chunk):
         r1 = min(t, r0 + chunk)
-        qc = _group_queries(q[:, :, r0:r1], n_kv).to(dt)
+        qc = group_queries(q[:, :, r0:r1], n_kv).to(dt)
         logits = torch.einsum("bhgrd,bhtd->bhgrt", qc, kk) * scale
         allowed = allowed_keys(mask, r0, r1, t, b).to(q.device)
         logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
@@ -174,7 +174,7 @@ def _adakv_row(scores, valid, keep, sinks, window, floor, normalize) -> Tensor:
     return largest_remainder(mixed[None], total)[0] + sinks + window
 
 
-def _segment_slots(start: Tensor, width: int, n_slots: int) -> tuple[Tensor, Tensor]:
+def segment_slots(start: Tensor, width: int, n_slots: int) -> tuple[Tensor, Tensor]:
     """Slot index [B, Hkv, width] of each segment position (clamped in range) and the batch index for gathers."""
     j = torch.arange(width, device=start.device)
     slots = (start.long()[..., None] + j).clamp(max=n_slots - 1)
@@ -224,7 +224,7 @@ def select_compact_(
     j = torch.arange(width, device=k.device)
     taken = j < count[..., None]
     idx = torch.where(taken, idx, t).sort(dim=-1).values
-    slots, rows = _segment_slots(start, width, n_slots)
+    slots, rows = segment_slots(start, width, n_slots)
     heads = torch.arange(n_kv, device=k.device)[None, :, None].expand_as(slots)
     bi, hi, si, ti = rows[taken], heads[taken], slots[taken], idx[taken]
     pos.fill_(-1)
@@ -241,7 +241,7 @@ def select_compact_(
 
 def _segment_view(pos: Tensor, start: Tensor, cap: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     max_cap = int(cap.max()) if cap.numel() else 0
-    slots, rows = _segment_slots(start, max_cap, pos.shape[1])
+    slots, rows = segment_slots(start, max_cap, pos.shape[1])
     in_seg = torch.arange(max_cap, device=pos.device) < cap.long()[..., None]
     p = torch.where(in_seg, pos[rows, slots].long(), -1)
     return slots, rows, p
@@ -297,11 +297,11 @@ def append_(
     seen.add_(1)
 
 
-def _gather_segments(
+def gather_segments(
     k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor, seen: Tensor, window: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     max_len = int(length.max()) if length.numel() else 0
-    slots, rows = _segment_slots(start, max_len, k_store.shape[1])
+    slots, rows = segment_slots(start, max_len, k_store.shape[1])
     p = pos[rows, slots].long()
     ok = (torch.arange(max_len, device=pos.device) < length.long()[..., None]) & (p >= 0)
     if window > 0:
@@ -331,8 +331,8 @@ def _attend(q, k_store, v_store, pos, start, length, seen, scale, window):
     b, hq, _, d = q.shape
     n_kv = start.shape[1]
     dt = acc_dtype(q)
-    keys, values, ok, slots, rows = _gather_segments(k_store, v_store, pos, start, length, seen, window)
-    qg = _group_queries(q, n_kv)[:, :, :, 0].to(dt)
+    keys, values, ok, slots, rows = gather_segments(k_store, v_store, pos, start, length, seen, window)
+    qg = group_queries(q, n_kv)[:, :, :, 0].to(dt)
     logits = torch.einsum("bhgd,bhld->bhgl", qg, keys.to(dt)) * scale
     probs = torch.softmax(logits.masked_fill(~ok[:, :, None], NEG_INF), dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgl,bhld->bhgd", probs, values.to(dt))
@@ -362,7 +362,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: flo
     """Plain masked attention (test oracle): q [B,Hq,Tq,D], k/v [B,Hkv,T,D], allowed [B,Hkv|1,Tq,T] bool."""
     n_kv = k.shape[1]
     dt = acc_dtype(q)
-    qg = _group_queries(q, n_kv).to(dt)
+    qg = group_queries(q, n_kv).to(dt)
     logits = torch.einsum("bhgqd,bhtd->bhgqt", qg, k.to(dt)) * scale
     probs = torch.softmax(logits.masked_fill(~allowed[:, :, None], NEG_INF), dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgqt,bhtd->bhgqd", probs, v.to(dt))

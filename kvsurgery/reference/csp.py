@@ -1,11 +1,12 @@
-"""CSP, Cross-Self KV cache pruning for vision-language models (Pei et al., 2024; seed-algorithms section 3):
+"""CSP, Cross-Self KV cache pruning for vision-language models (Pei et al., 2024, arXiv 2412.04652; docs/csp.md):
 the reference math of `kvsurgery.ops.csp`.
 
 The attention of the last `window` prompt queries (n-softmax) is split into intra-modality ("self": query and key
 both text or both visual) and inter-modality ("cross") parts, summed over those queries per key. A KV head keeps its
 window, the top k_self tokens by self score and then the top k_cross of the *remaining* tokens by cross score, so no
-token is taken twice (the reference code concatenates both top-k lists and can keep a token twice, section 3.5 gotcha
-2); what a list cannot fill (too few tokens with any score of its kind) is backfilled by total score.
+token is taken twice (the reference code concatenates both top-k lists and can keep a token twice; docs/csp.md,
+"Deviations from the reference code"); what a list cannot fill (too few tokens with any score of its kind) is
+backfilled by total score.
 GQA: scores are averaged over each KV head's query group (the project convention).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery.reference.core import NEG_INF, _group_queries, acc_dtype, allowed_keys, forced_keep, valid_keys
+from kvsurgery.reference.core import NEG_INF, acc_dtype, allowed_keys, forced_keep, group_queries, valid_keys
 
 
 def n_softmax(logits: Tensor, n: int = 1) -> Tensor:
@@ -35,7 +36,7 @@ def csp_scores(
     n_kv = k.shape[1]
     w = min(window, t)
     dt = acc_dtype(q)
-    qw = _group_queries(q[:, :, t - w :], n_kv).to(dt)
+    qw = group_queries(q[:, :, t - w :], n_kv).to(dt)
     logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, k.to(dt)) * scale
     allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
     probs = n_softmax(logits.masked_fill(~allowed[:, None, None], NEG_INF), n)

@@ -1,4 +1,4 @@
-"""Double Sparsity (Yang et al., 2024; seed-algorithms section 2): the reference math of `kvsurgery.ops.doublesparse`.
+"""Double Sparsity (Yang et al., 2024, arXiv 2408.07092; docs/doublesparse.md): the math of its ops.
 
 Every token stays in the store. Each stored key also has a *label*: its values on the r offline-calibrated outlier
 channels of each query head of its group (post-RoPE), optionally as per-token min-max codes of `bits` bits. A decode
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kvsurgery.budget import Budget
-from kvsurgery.reference.core import NEG_INF, _group_queries, _segment_slots, acc_dtype, top_indices
+from kvsurgery.reference.core import NEG_INF, acc_dtype, group_queries, segment_slots, top_indices
 
 LABEL_BITS = (2, 4, 8, 16)
 
@@ -84,7 +84,7 @@ def label_fill_(
     """Prefill: (re)write the label of every slot of every segment from the stored keys."""
     n_slots = k_store.shape[1]
     width = int(cap.max()) if cap.numel() else 0
-    slots, rows = _segment_slots(start, width, n_slots)
+    slots, rows = segment_slots(start, width, n_slots)
     in_seg = torch.arange(width, device=k_store.device) < cap.long()[..., None]
     stored, rng = quantize_labels(gather_channels(k_store[rows, slots], channels), bits)
     labels[rows[in_seg], slots[in_seg]] = stored[in_seg]
@@ -135,13 +135,13 @@ def approximate_scores(
     """
     n_kv = start.shape[1]
     max_len = width if width is not None else int(length.max()) if length.numel() else 0
-    slots, rows = _segment_slots(start, max_len, pos.shape[1])
+    slots, rows = segment_slots(start, max_len, pos.shape[1])
     p = pos[rows, slots].long()
     valid = (torch.arange(max_len, device=pos.device) < length.long()[..., None]) & (p >= 0)
     rng = label_range[rows, slots] if label_range is not None else None
     lab = dequantize_labels(labels[rows, slots], rng, bits)  # [B, Hkv, L, G, r]
     dt = acc_dtype(q)
-    qg = _group_queries(q, n_kv)[:, :, :, 0]  # [B, Hkv, G, D]
+    qg = group_queries(q, n_kv)[:, :, :, 0]  # [B, Hkv, G, D]
     index = channels.reshape(1, n_kv, -1, channels.shape[1]).expand(q.shape[0], -1, -1, -1).to(q.device)
     q_lab = qg.gather(-1, index).to(dt)  # [B, Hkv, G, r]: each query head on its own channels
     logits = torch.einsum("bhgr,bhlgr->bhgl", q_lab, lab.to(dt)) * scale
@@ -205,7 +205,7 @@ def attend_selected(q: Tensor, k_store: Tensor, v_store: Tensor, slots: Tensor, 
     rows = torch.arange(b, device=q.device)[:, None, None].expand_as(slots)
     dt = acc_dtype(q)
     keys, values = k_store[rows, slots].to(dt), v_store[rows, slots].to(dt)
-    qg = _group_queries(q, n_kv)[:, :, :, 0].to(dt)
+    qg = group_queries(q, n_kv)[:, :, :, 0].to(dt)
     logits = torch.einsum("bhgd,bhkd->bhgk", qg, keys) * scale
     probs = torch.softmax(logits.masked_fill(~ok[:, :, None], NEG_INF), dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgk,bhkd->bhgd", probs, values)

@@ -1,4 +1,4 @@
-"""HeadKV's per-head budgets (seed-algorithms section 1.2): head-importance shares and the budget formula."""
+"""HeadKV's per-head budgets (arXiv 2410.19258; docs/headkv.md): head-importance shares and the budget formula."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def kv_head_importance(scores: torch.Tensor, n_kv_heads: int, temp: float = 1.0)
 
 
 def head_caps(importance: torch.Tensor, base: int, beta: float) -> list[list[int]]:
-    """HeadKV's budget formula (section 1.2): tokens each head selects beyond the always-kept window.
+    """HeadKV's budget formula (docs/headkv.md): tokens each head selects beyond the always-kept window.
 
     base = budget - window; pool = floor(base / beta) * n_heads_total is shared in proportion to importance;
     every head gets min_num = base - floor(base / beta). A larger beta gives a smaller pool (more uniform caps).
@@ -36,7 +36,7 @@ def head_caps(importance: torch.Tensor, base: int, beta: float) -> list[list[int
 
 
 def redistribute_overflow(caps: list[list[int]], limit: int, importance: torch.Tensor) -> list[list[int]]:
-    """The spec's optional mode (section 1.7): caps above `limit` (the tokens a head can select) are cut to it and
+    """Optional, not in the paper (docs/headkv.md): caps above `limit` (the tokens a head can select) are cut to it and
     the excess goes to the heads below it in proportion to their importance, repeatedly, until it is spent or every
     head is full. The total is kept (up to `limit` per head); a head's cap never shrinks below min(cap, limit)."""
     flat = torch.tensor(caps, dtype=torch.int64).flatten()

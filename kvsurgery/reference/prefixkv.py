@@ -1,4 +1,4 @@
-"""PyTorch reference of PrefixKV's ops (seed-algorithms section 5), the specification of `kvsurgery.ops.prefixkv`.
+"""PyTorch reference of PrefixKV's ops (arXiv 2412.03409; docs/prefixkv.md), the specification of its ops.
 
 Store layout as in `kvsurgery.reference.core`: per batch row, each KV head owns the slots [start, start + cap), of
 which the first `length` are filled (in any position order).

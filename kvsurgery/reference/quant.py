@@ -23,7 +23,7 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
     return (x.cumsum(-1) - x).to(torch.int32)
 
 
-def _grid(start: Tensor, width: int) -> tuple[Tensor, Tensor]:
+def slot_grid(start: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Slot index [B, H, width] from each segment start, and the matching batch index."""
     slots = start.long()[..., None] + torch.arange(width, device=start.device)
     rows = torch.arange(start.shape[0], device=start.device)[:, None, None].expand_as(slots)
@@ -45,7 +45,7 @@ def kept_positions(
     seen = torch.zeros((), dtype=torch.int64, device=k.device)
     reference.select_compact_(*args, seen, k[..., :1], v[..., :1], scores, None, mask, sinks, window)
     width = int(length.max()) if length.numel() else 0
-    grid, rows = _grid(start, width)
+    grid, rows = slot_grid(start, width)
     taken = torch.arange(width, device=k.device) < length.long()[..., None]
     picked = pos[rows, grid.clamp(max=max(slots - 1, 0))].long() if width else grid
     return torch.where(taken, picked, -1), length.long()
@@ -76,7 +76,7 @@ def write_packed(
     `offset + j` of each (row, head); their statistics go to the rows those slots use (`stats_rows`)."""
     b, n_kv, width, _ = x.shape
     codes, scale, low = quantize_tokens(x, valid, spec, scale_p.dtype)
-    slots, rows = _grid(offset, width)
+    slots, rows = slot_grid(offset, width)
     codes_p[rows[valid], slots[valid]] = pack(codes, spec.bits)[valid]
     if spec.axis == "token":
         scale_p[rows[valid], slots[valid]] = scale[valid]
@@ -89,7 +89,7 @@ def write_packed(
     else:
         g = spec.group
         used = valid.reshape(b, n_kv, width // g, g).any(-1)
-        group_rows, g_rows = _grid(offset // g, width // g)
+        group_rows, g_rows = slot_grid(offset // g, width // g)
         scale_p[g_rows[used], group_rows[used]] = scale[used]
         low_p[g_rows[used], group_rows[used]] = low[used]
 
@@ -98,7 +98,7 @@ def read_packed(
     codes_p: Tensor, scale_p: Tensor, low_p: Tensor, spec: QuantSpec, offset: Tensor, width: int, dtype: torch.dtype
 ) -> Tensor:
     """Dequantized tokens [B, H, width, D] from slots `offset + j` (slots past the segment read garbage: mask them)."""
-    slots, rows = _grid(offset, width)
+    slots, rows = slot_grid(offset, width)
     slots = slots.clamp(max=codes_p.shape[1] - 1)
     codes = unpack(codes_p[rows, slots], spec.bits).to(dtype)
     if spec.axis == "token":
@@ -197,7 +197,7 @@ def select_quantized_(
     n_dense = int((count - n_packed).max()) if count.numel() else 0
     index = dense_pos[..., :n_dense]
     valid = index >= 0
-    slots, rows = _grid(start, n_dense)
+    slots, rows = slot_grid(start, n_dense)
     k_store[rows[valid], slots[valid]] = _take(k, index)[valid]
     v_store[rows[valid], slots[valid]] = _take(v, index)[valid]
     pos[rows[valid], slots[valid]] = index[valid].to(pos.dtype)
@@ -229,7 +229,7 @@ def flush_residual_(
     g, r = lay.flush, lay.residual
     if bool((q_len + g > q_cap)[full].any()):
         raise KVSurgeryError("internal: a quantized store's packed region is full; its plan undercounted decode room")
-    slots, rows = _grid(start, r)
+    slots, rows = slot_grid(start, r)
     oldest = full[..., None].expand(*full.shape, g)
     offset = q_start + q_len
     first = slots[..., :g].clamp(max=k_store.shape[1] - 1)  # heads that do not flush may end before r
@@ -309,7 +309,7 @@ def attend_quantized(
     n_kv = start.shape[1]
     dt = compute_dtype(q)
     qg = q.reshape(b, n_kv, hq // n_kv, d).to(dt)
-    keys, values, ok, _, _ = reference._gather_segments(k_store, v_store, pos, start, length, seen, 0)
+    keys, values, ok, _, _ = reference.gather_segments(k_store, v_store, pos, start, length, seen, 0)
     dense = torch.einsum("bhgd,bhld->bhgl", qg, keys.to(dt)) * scale
     dense = dense.masked_fill(~ok[:, :, None], NEG_INF)
     width = int(q_len.max()) if q_len.numel() else 0

@@ -191,6 +191,7 @@ class VisualFirstTest(Pass):
     phase = "budget"
     provides = frozenset({"budget"})
     requires = frozenset({"scores"})
+    products = frozenset({"scores"})
     needs_budget = True
 
     def rewrite(self, rw: SiteRewrite) -> None:

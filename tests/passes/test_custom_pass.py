@@ -16,6 +16,7 @@ class KeyNormTest(Pass):
     name = "keynorm_test"
     phase = "score"
     provides = frozenset({"scores"})
+    products = frozenset({"scores"})
     needs_budget = True
 
     def selection(self) -> Selection:
@@ -58,3 +59,52 @@ class NeedsLabelsTest(Pass):
 def test_an_incomplete_recipe_names_what_is_missing():
     with pytest.raises(RecipeError, match="'needs_labels_test' requires channel_labels but nothing in"):
         kvsurgery.apply(tiny_model("llama"), "snapkv+needs_labels_test", budget=16)
+
+
+def test_a_typo_in_a_declared_capability_or_product_is_refused_at_registration():
+    class TypoProvides(Pass):
+        """Test pass whose `provides` misspells a capability."""
+
+        name = "typo_provides_test"
+        phase = "score"
+        provides = frozenset({"score"})
+
+    with pytest.raises(RecipeError, match=r"TypoProvides.provides names 'score' \(did you mean 'scores'\?\)"):
+        kvsurgery.register_pass(TypoProvides)
+
+    class TypoProducts(Pass):
+        """Test pass whose `products` misspells one."""
+
+        name = "typo_products_test"
+        phase = "budget"
+        provides = frozenset({"budget"})
+        products = frozenset({"budget"})
+
+    with pytest.raises(RecipeError, match=r"TypoProducts.products names 'budget' \(did you mean 'budgets'\?\)"):
+        kvsurgery.register_pass(TypoProducts)
+    assert "typo_provides_test" not in kvsurgery.recipes() and "typo_products_test" not in kvsurgery.recipes()
+
+
+@kvsurgery.register_pass
+class UndeclaredProductTest(Pass):
+    """Test scorer that hands on a product it does not declare."""
+
+    name = "undeclared_product_test"
+    phase = "score"
+    provides = frozenset({"scores"})
+    needs_budget = True
+
+    def rewrite(self, rw: SiteRewrite) -> None:
+        if rw.phase == "prefill":
+            rw.products["scores"] = rw.call(self.name, torch.linalg.vector_norm, (rw.k, 2, -1))
+
+
+def test_a_product_handed_on_without_declaring_it_is_refused():
+    model = tiny_model("llama")
+    kvsurgery.apply(model, "undeclared_product_test", budget=8)  # passes rewrite when the first forward is captured
+    ids, _ = left_padded_batch([12])
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as failed:  # raised inside the Dynamo backend
+        greedy(model, ids, new=1)
+    assert isinstance(failed.value.inner_exception, RecipeError)
+    assert "'undeclared_product_test' handed on product 'scores' without declaring it" in str(failed.value)
+    kvsurgery.restore(model)

@@ -187,7 +187,7 @@ def test_attention_on_the_selection_equals_float64_dense_attention_restricted_to
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(c.batch, c.n_kv * c.group, 1, c.d, generator=g, dtype=torch.float64)
     width = int(layer.length.max())
-    slots, rows = ref._segment_slots(layer.start, width, layer.k.shape[1])
+    slots, rows = ref.segment_slots(layer.start, width, layer.k.shape[1])
     valid = torch.arange(width) < layer.length.long()[..., None]
     ok = valid & (torch.rand(valid.shape, generator=g) < 0.6)
     out = sa.attend_selected(q, layer.k, layer.v, slots, ok, 0.3)

@@ -140,6 +140,7 @@ class EvenTokensVisualTest(Pass):
 
     name = "even_visual_test"
     phase = "score"
+    products = frozenset({"is_visual"})
 
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
