@@ -23,7 +23,7 @@ from kvsurgery.recipe import PassSpec, parse
 from kvsurgery.sites import AttentionSite, find_sites, unpaired_markers
 from kvsurgery.store import LayerPlan, Plane
 
-EXCLUSIVE = ("identity", "scores", "budget", "select", "attend", "decode_eviction", "decode_append", "quant")
+EXCLUSIVE = ("identity", "scores", "budget", "decode_eviction", "decode_append", "quant", "select", "attend")
 CORE_PASSES = ("select", "attend")
 
 
