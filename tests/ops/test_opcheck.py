@@ -6,7 +6,9 @@ import torch
 
 import kvsurgery
 from kvsurgery.errors import SurgeryNotAppliedError
+from kvsurgery.kernels import CUDA_KERNELS
 from kvsurgery.ops import OPS
+from kvsurgery.ops.schema import by_name
 from kvsurgery.reference.doublesparse import label_width
 from kvsurgery.reference.quant_codes import QuantSpec
 from kvsurgery.reference.quant_layout import QuantLayout
@@ -117,3 +119,23 @@ def test_kv_update_marker():
     with pytest.raises(SurgeryNotAppliedError, match="never falls back"):
         torch.ops.kvsurgery.kv_update(k, v, list(s.values()), names, 3, True)
     assert kvsurgery.ops.OPS["kv_update"].writes == ()
+
+
+def clone(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("name", sorted(CUDA_KERNELS))
+def test_cuda_kernels_take_the_op_arguments_by_name(name):
+    """Each CUDA kernel, bound to its op's arguments as `ops.register()` binds it, matches the CPU implementation on
+    the same inputs (run here by Triton's interpreter): outputs and every mutated tensor."""
+    op = OPS[name]
+    kernel = by_name(CUDA_KERNELS[name], op.names, name)
+    got_args, want_args = clone(CASES[name]), clone(CASES[name])
+    got = kernel(*got_args)
+    want = getattr(torch.ops.kvsurgery, name)(*want_args)
+    if want is not None:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for param, g, w in zip(op.names, got_args, want_args, strict=True):
+        if param in op.writes and g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=f"{name} wrote {param} differently")
