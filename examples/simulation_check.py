@@ -5,7 +5,7 @@
 RESULTS_JSON is a `kvsurgery eval` results.json holding the recipe's records. RECIPE is one of kivi2, quant1bit,
 quant2bit, prefixkv, or snapkv+ one of the three quantizers. The simulation shares no code with kvsurgery's
 passes, ops or kernels: it runs transformers' own DynamicCache with a plain float32 attention function that
-follows the written specification (seed-algorithms sections 4.2, 5, 7.2 and 7.5):
+follows the methods as docs/quant.md, docs/prefixkv.md and the SnapKV and KIVI papers describe them:
 
 - prefill attention is exact; SnapKV and PrefixKV scores are computed from its probabilities;
 - after prefill the cache is cut to the kept tokens and its quantized span is replaced by fake-quantized values;

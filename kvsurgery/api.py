@@ -41,8 +41,7 @@ def apply(
     built = build_recipe(recipe, budget, **options)
     check_causal_lm(model)
     _check_budget_fits(model, built.budget)
-    for p in built.passes:
-        p.check_model(model)
+    built.check_model(model)
     found = discover(model)
     check_sites(built, found.sites)
     surgery = Surgery(model, built, found.sites, found.op_counts, compile, max_new_tokens)

@@ -20,7 +20,6 @@ ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "matmul")
 class Discovery:
     sites: list[AttentionSite]
     op_counts: dict[str, int]  # of the captured decode graph, before any rewrite
-    cache_kind: str
 
 
 def check_causal_lm(model: torch.nn.Module) -> None:
@@ -118,4 +117,4 @@ def discover(model: torch.nn.Module) -> Discovery:
         )
     counts = {k: v for k, v in op_counts(graph).items() if k in ATTENTION_OPS}
     counts["cache updates (torch.cat onto a cache tensor)"] = len(find_cache_updates(graph))
-    return Discovery([_site(model, m) for m in matches], counts, matches[0].cache.kind)
+    return Discovery([_site(model, m) for m in matches], counts)

@@ -172,7 +172,7 @@ def find_cache_updates(graph: fx.Graph) -> list[fx.Node]:
     ]
 
 
-def _layer_index(module: str, model: torch.nn.Module | None, marker: fx.Node | None) -> int:
+def layer_index(module: str, model: torch.nn.Module | None, marker: fx.Node | None) -> int:
     if marker is not None:
         return int(marker.args[4])
     if model is not None:
@@ -197,7 +197,7 @@ def find_sites(graph: fx.Graph, model: torch.nn.Module | None = None) -> list[Si
             continue  # attention over non-cached tensors (e.g. a vision tower): not a KV-cache site
         module = module_path(attn.output)
         cache = CacheMatch(k_src[0], k_src[1], v_src[1], k_src[2])
-        sites.append(SiteMatch(_layer_index(module, model, cache.marker), module, attn, cache))
+        sites.append(SiteMatch(layer_index(module, model, cache.marker), module, attn, cache))
     return sorted(sites, key=lambda s: s.layer)
 
 

@@ -1,4 +1,4 @@
-"""HeadKV head-importance scores by needle-in-a-haystack probing (seed-algorithms section 1.1).
+"""HeadKV head-importance scores by needle-in-a-haystack probing (arXiv 2410.19258; docs/headkv.md, "Calibration").
 
     kvsurgery calibrate headkv --model smollm2-135m --out headkv.json                  # HeadKV-R (retrieval)
     kvsurgery calibrate headkv --model smollm2-135m --out headkv-r2.json --criterion reasoning   # HeadKV-R2
