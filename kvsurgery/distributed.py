@@ -59,32 +59,12 @@ class HeadShard:
     model_kv_heads: int
 
 
-def shard_sites(model: torch.nn.Module, sites: list[AttentionSite], passes: list[Pass], agreed: str) -> list:
-    """The sites with their head shards when tensor parallelism splits the KV heads; refuse what cannot run so.
-
-    `agreed` is what every process must apply identically (the recipe, budget and options, as text).
-    """
-    mesh = _tensor_parallel_mesh(model, sites)
+def check_tensor_parallel(model: torch.nn.Module, passes: list[Pass], agreed: str) -> None:
+    """Before discovery: refuse passes that cannot run on a tensor-parallel model, and processes applying different
+    recipes (`agreed`: the recipe, budget and options as text). All processes call it together."""
+    mesh = tensor_parallel_mesh(model)
     if mesh is None:
-        return sites
-    group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
-    seen = [None] * world
-    torch.distributed.all_gather_object(seen, (agreed, [(s.n_heads, s.n_kv_heads) for s in sites]), group=group)
-    if len({text for text, _ in seen}) > 1:
-        applied = "; ".join(f"rank {r}: {text}" for r, (text, _) in enumerate(seen))
-        raise RecipeError(f"every tensor-parallel process must apply the same recipe, got {applied}")
-    text = model.config.get_text_config(decoder=True)
-    model_heads = text.num_attention_heads
-    model_kv = getattr(text, "num_key_value_heads", None) or model_heads
-    even = (model_heads // world, model_kv // world)
-    for i, site in enumerate(sites):
-        shares = [tuple(heads[i]) for _, heads in seen]
-        if model_kv % world or any(share != even for share in shares):
-            raise UnsupportedModelError(
-                f"tensor parallelism splits layer {site.layer}'s {model_heads} query / {model_kv} KV heads unevenly "
-                f"over {world} processes ((query, KV) heads per process: {shares}); kvsurgery needs an even split: "
-                f"use a tp_size that divides {model_kv}"
-            )
+        return
     for p in passes:
         reason = REFUSED.get(p.name)
         if reason is None and p.name not in SUPPORTED and not getattr(p, "head_local", False):
@@ -93,39 +73,63 @@ def shard_sites(model: torch.nn.Module, sites: list[AttentionSite], passes: list
                 "on its class"
             )
         if reason is not None:
-            raise RecipeError(f"'{p.name}' cannot run on a tensor-parallel model ({world} processes): {reason}")
-    return [
-        dataclasses.replace(s, shard=HeadShard(rank, world, rank * s.n_kv_heads, model_kv))
-        for s in sites
-    ]
+            raise RecipeError(f"'{p.name}' cannot run on a tensor-parallel model ({mesh.size()} processes): {reason}")
+    seen = [None] * mesh.size()
+    torch.distributed.all_gather_object(seen, agreed, group=mesh.get_group())
+    if len(set(seen)) > 1:
+        each = "; ".join(f"rank {r}: {applied}" for r, applied in enumerate(seen))
+        raise RecipeError(f"every tensor-parallel process must apply the same recipe, got {each}")
 
 
-def _tensor_parallel_mesh(model: torch.nn.Module, sites: list[AttentionSite]):
-    """The 1-D device mesh the attention weights are sharded over, or None when the KV heads are all here."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+def shard_sites(model: torch.nn.Module, sites: list[AttentionSite]) -> list[AttentionSite]:
+    """The sites with their share of the model's KV heads when tensor parallelism splits them (else unchanged).
 
+    All processes call it together: it gathers the heads each one holds.
+    """
     text = model.config.get_text_config(decoder=True)
-    model_kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    split = [s.layer for s in sites if s.n_kv_heads != model_kv]
-    weights = [
-        (name, p)
-        for s in sites
-        for name, p in model.get_submodule(s.module).named_parameters(prefix=s.module)
-        if isinstance(p, DTensor)
-    ]
-    if not weights:
+    model_heads = text.num_attention_heads
+    model_kv = getattr(text, "num_key_value_heads", None) or model_heads
+    mesh = tensor_parallel_mesh(model)
+    if mesh is None:
+        split = [s for s in sites if s.n_kv_heads != model_kv]
         if split:
             raise UnsupportedModelError(
-                f"layer {split[0]} holds {sites[split[0]].n_kv_heads} of the model's {model_kv} KV heads, but its "
-                "weights are not DTensors: kvsurgery supports tensor parallelism through transformers' tp_plan"
+                f"layer {split[0].layer} holds {split[0].n_kv_heads} of the model's {model_kv} KV heads, but no "
+                "weight is a sharded DTensor: kvsurgery supports tensor parallelism through transformers' tp_plan"
             )
+        return sites
+    rank, world = mesh.get_local_rank(), mesh.size()
+    seen = [None] * world
+    torch.distributed.all_gather_object(seen, [(s.n_heads, s.n_kv_heads) for s in sites], group=mesh.get_group())
+    if all(s.n_kv_heads == model_kv for s in sites):
+        return sites  # the weights are sharded but every process holds every KV head
+    even = (model_heads // world, model_kv // world)
+    for i, site in enumerate(sites):
+        shares = [tuple(heads[i]) for heads in seen]
+        if model_kv % world or model_heads % world or any(share != even for share in shares):
+            raise UnsupportedModelError(
+                f"tensor parallelism splits layer {site.layer}'s {model_heads} query / {model_kv} KV heads unevenly "
+                f"over {world} processes ((query, KV) heads per process: {shares}); kvsurgery needs an even split: "
+                f"use a tp_size that divides {model_kv}"
+            )
+    return [dataclasses.replace(s, shard=HeadShard(rank, world, rank * s.n_kv_heads, model_kv)) for s in sites]
+
+
+def tensor_parallel_mesh(model: torch.nn.Module):
+    """The device mesh the model's weights are sharded over (a DTensor with a Shard placement), or None."""
+    if not torch.distributed.is_available():
         return None
-    if not split:
-        return None  # the weights are distributed but every process holds every KV head: nothing is split
-    for name, p in weights:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    sharded = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if isinstance(p, DTensor) and any(not isinstance(pl, Replicate) for pl in p.placements)
+    ]
+    for name, p in sharded:
         if p.device_mesh.ndim != 1 or any(type(pl) not in (Shard, Replicate) for pl in p.placements):
             raise UnsupportedModelError(
                 f"{name} is laid out as {p.placements} over {p.device_mesh}; kvsurgery supports contiguous "
                 "tensor-parallel shards over one mesh dimension (transformers tp_plan='auto')"
             )
-    return weights[0][1].device_mesh
+    return sharded[0][1].device_mesh if sharded else None

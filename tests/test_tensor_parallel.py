@@ -1,0 +1,196 @@
+"""Tensor parallelism (transformers `tp_plan`) on CPU: 2 processes over gloo, each holding half the KV heads.
+
+The test launches this file under torchrun (`_worker` below) on a tiny Llama saved to a temporary folder, and compares
+every rank's tokens and store with the single-process model run here. By hand:
+    torchrun --standalone --nproc_per_node 2 tests/test_tensor_parallel.py MODEL_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kvsurgery
+from kvsurgery.testing import tiny_model
+
+WORLD = 2
+PROMPT, NEW = 40, 6
+# (recipe, budget): every rank must match the single-process kvsurgery run token for token
+RECIPES = [("full", None), ("snapkv(window=4)", 12), ("pyramidkv(beta=2)", 16)]
+REFUSED = ("adakv", 12)
+TIME_LIMIT_S = 240  # hard bound on the 2-process run (about 40 s on 2 idle cores)
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(3, 128, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+
+
+def _generate(model) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(_prompt(), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    return out[0, PROMPT:].tolist()
+
+
+def _run_recipes(model) -> dict:
+    """HF's own tokens, then per recipe: tokens, store bytes, the bytes of each layer's token counter (`seen`, one
+    per layer, not per head) and the KV heads each layer stores."""
+    runs = {"hf": _generate(model)}
+    for recipe, budget in RECIPES:
+        kvsurgery.apply(model, recipe, budget)
+        tokens = _generate(model)
+        store = model._kvsurgery.last_store
+        runs[recipe] = {
+            "tokens": tokens,
+            "nbytes": store.nbytes,
+            "counter_bytes": sum(layer.seen.numel() * layer.seen.element_size() for layer in store.layers),
+            "kv_heads": [layer.plan.n_kv_heads for layer in store.layers],
+        }
+        kvsurgery.restore(model)
+    return runs
+
+
+def _load(model_dir: str, tensor_parallel: bool):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if tensor_parallel:
+        from transformers import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    return model.eval()
+
+
+def _refusal(model, recipe: str, budget: int | None) -> str | None:
+    try:
+        kvsurgery.apply(model, recipe, budget)
+    except kvsurgery.KVSurgeryError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    kvsurgery.restore(model)
+    return None
+
+
+def _worker(model_dir: str, out_dir: str) -> None:
+    """One torchrun process: the tensor-parallel model's runs and refusals, written to OUT_DIR/rank{r}.json."""
+    model = _load(model_dir, tensor_parallel=True)
+    rank = torch.distributed.get_rank()
+    result = _run_recipes(model)
+    result["refused"] = _refusal(model, *REFUSED)
+
+    @kvsurgery.register_pass
+    class Custom(kvsurgery.Pass):
+        """A user's pass that does not say whether it decides each KV head alone."""
+
+        name, phase = "custom_tp_check", "budget"
+
+    result["custom"] = _refusal(model, "custom_tp_check", None)
+    result["mismatch"] = _refusal(model, "snapkv(window=4)" if rank == 0 else "full", 12 if rank == 0 else None)
+    pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def _tp_support() -> str | None:
+    """Why this environment cannot run transformers' tensor parallelism on CPU, or None when it can."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        return "torch.distributed with the gloo backend is not available"
+    try:
+        from transformers import DistributedConfig
+    except ImportError:
+        return "the installed transformers has no DistributedConfig (tp_plan) support"
+    if "tp_plan" not in DistributedConfig.__dataclass_fields__:
+        return "the installed transformers' DistributedConfig has no tp_plan"
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(single-process runs, per-rank tensor-parallel runs) of the same saved tiny Llama (4 query / 2 KV heads)."""
+    reason = _tp_support()
+    if reason:
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("tp")
+    model_dir, out_dir = folder / "model", folder / "out"
+    out_dir.mkdir()
+    tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32).save_pretrained(model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", __file__]
+    proc = subprocess.Popen(
+        [*cmd, str(model_dir), str(out_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a timeout ends torchrun and both workers
+    )
+    single = _run_recipes(_load(str(model_dir), tensor_parallel=False))  # meanwhile, in this process
+    try:
+        log, _ = proc.communicate(timeout=TIME_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"the 2-process run took over {TIME_LIMIT_S} s:\n{log[-4000:]}")
+    assert proc.returncode == 0, f"torchrun failed:\n{log[-4000:]}"
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return single, ranks
+
+
+def test_full_matches_the_single_process_model_on_every_rank(runs):
+    """The issue's case: `full` on a tp_plan model gave other tokens than HF from the first one on, silently."""
+    single, ranks = runs
+    for rank in ranks:
+        assert rank["hf"] == single["hf"]
+        assert rank["full"]["tokens"] == single["hf"]
+
+
+@pytest.mark.parametrize("recipe", [r for r, _ in RECIPES])
+def test_compressed_recipes_match_their_single_process_run(runs, recipe):
+    single, ranks = runs
+    for rank in ranks:
+        assert rank[recipe]["tokens"] == single[recipe]["tokens"]
+
+
+@pytest.mark.parametrize("recipe", [r for r, _ in RECIPES])
+def test_each_rank_stores_half_the_kv_heads(runs, recipe):
+    """Every store tensor is per KV head except one token counter per layer, which each rank keeps whole."""
+    single, ranks = runs
+    counter = single[recipe]["counter_bytes"]
+    assert single[recipe]["kv_heads"] == [2, 2]
+    for rank in ranks:
+        assert rank[recipe]["kv_heads"] == [1, 1]
+        assert rank[recipe]["counter_bytes"] == counter
+        assert WORLD * (rank[recipe]["nbytes"] - counter) == single[recipe]["nbytes"] - counter
+
+
+def test_a_recipe_deciding_across_heads_is_refused_at_apply(runs):
+    _, ranks = runs
+    for rank in ranks:
+        assert rank["refused"] is not None and rank["refused"].startswith("RecipeError")
+        assert "'adakv' cannot run on a tensor-parallel model (2 processes)" in rank["refused"]
+        assert "moves budget between the KV heads" in rank["refused"]
+
+
+def test_a_custom_pass_must_declare_it_decides_each_head_alone(runs):
+    _, ranks = runs
+    for rank in ranks:
+        assert rank["custom"] is not None and rank["custom"].startswith("RecipeError")
+        assert "'custom_tp_check' cannot run on a tensor-parallel model" in rank["custom"]
+        assert "head_local = True" in rank["custom"]
+
+
+def test_ranks_applying_different_recipes_are_refused(runs):
+    _, ranks = runs
+    for rank in ranks:
+        assert rank["mismatch"] is not None and rank["mismatch"].startswith("RecipeError")
+        assert "every tensor-parallel process must apply the same recipe" in rank["mismatch"]
+        assert "rank 0: 'snapkv(window=4)+uniform'" in rank["mismatch"] and "rank 1: 'full'" in rank["mismatch"]
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])
