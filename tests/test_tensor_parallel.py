@@ -7,6 +7,7 @@ every rank's tokens and store with the single-process model run here. By hand:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,6 +19,10 @@ import pytest
 import torch
 
 import kvsurgery
+from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
+from kvsurgery.distributed import HeadShard
+from kvsurgery.manager import build_recipe, check_sites
+from kvsurgery.sites import AttentionSite
 from kvsurgery.testing import tiny_model
 
 WORLD = 2
@@ -190,6 +195,28 @@ def test_ranks_applying_different_recipes_are_refused(runs):
         assert rank["mismatch"] is not None and rank["mismatch"].startswith("RecipeError")
         assert "every tensor-parallel process must apply the same recipe" in rank["mismatch"]
         assert "rank 0: 'snapkv(window=4)+uniform'" in rank["mismatch"] and "rank 1: 'full'" in rank["mismatch"]
+
+
+def test_headkv_budgets_are_the_whole_models_sliced_per_rank(tmp_path):
+    """HeadKV's caps are shared out over every KV head of the model; each rank plans its own heads' slice of them."""
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    scores = {"criterion": "retrieval", "scores": [[0.5, 0.1, 0.0, 0.2], [0.05, 0.0, 0.9, 0.3]]}
+    path = save(Artefact("headkv", ModelIdentity.of(model), {}, scores), tmp_path / "headkv.json")
+    recipe = build_recipe("headkv(beta=1.5)", 24, calibration=str(path))
+    for p in recipe.passes:
+        p.check_model(model)
+    whole = [
+        AttentionSite(layer, f"model.layers.{layer}.self_attn", "sdpa", 4, 2, 16, 16, 0.25, None) for layer in (0, 1)
+    ]
+    check_sites(recipe, whole)
+    single = [plan.keep for plan in recipe.plan(whole, [64], 8)]
+    per_rank = []
+    for rank in range(WORLD):
+        sites = [dataclasses.replace(s, n_heads=2, n_kv_heads=1, shard=HeadShard(rank, WORLD, rank, 2)) for s in whole]
+        check_sites(recipe, sites)
+        per_rank.append([plan.keep for plan in recipe.plan(sites, [64], 8)])
+    assert len({keep for layer in single for keep in layer}) > 1, "the heads' budgets differ"
+    assert [a + b for a, b in zip(*per_rank, strict=True)] == single
 
 
 if __name__ == "__main__":
