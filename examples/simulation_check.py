@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
+from kvsurgery.compat import cache_keyword
 from kvsurgery.eval import tasks
 from kvsurgery.eval.tasks import score
 from kvsurgery.models import load_model
@@ -192,7 +193,8 @@ def simulate(model, sim: Simulation, ids: torch.Tensor, new_tokens: int, eos: in
     """Greedy decoding on the simulated cache, up to `new_tokens` or the end-of-sequence token (as generate)."""
     ACTIVE[:] = [sim]
     sim.prompt_len = ids.shape[1]
-    logits = model(ids, past_key_values=sim.cache, use_cache=True).logits
+    keyword = cache_keyword(model)
+    logits = model(ids, use_cache=True, **{keyword: sim.cache}).logits
     sim.compress()
     out = [logits[:, -1].argmax(-1, keepdim=True)]
     for step in range(new_tokens - 1):
@@ -200,7 +202,7 @@ def simulate(model, sim: Simulation, ids: torch.Tensor, new_tokens: int, eos: in
             break
         sim.step = step
         pos = torch.tensor([[sim.prompt_len + step]])
-        logits = model(out[-1], past_key_values=sim.cache, position_ids=pos, use_cache=True).logits
+        logits = model(out[-1], position_ids=pos, use_cache=True, **{keyword: sim.cache}).logits
         out.append(logits[:, -1].argmax(-1, keepdim=True))
     return torch.cat(out, 1)[0]
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvsurgery.bench_attention import QUANT_RECIPES
+from kvsurgery.compat import output_cache
 from kvsurgery.errors import BudgetError, KVSurgeryError, RecipeError
 
 GIB = 2**30
@@ -279,7 +280,7 @@ def hf_row(model, ids, args, device, floor, bandwidth) -> Row:
 
     def once():
         prefill, decode, out = timed_generate(model, ids, args.new_tokens, cache_implementation="static")
-        return prefill, decode, _cache_bytes(out.past_key_values)
+        return prefill, decode, _cache_bytes(output_cache(out))
 
     return _guarded(row, device, lambda: _measure(row, once, device, floor, bandwidth))
 

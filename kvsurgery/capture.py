@@ -8,6 +8,7 @@ import torch
 from torch import fx
 from transformers.cache_utils import DynamicCache
 
+from kvsurgery.compat import cache_keyword
 from kvsurgery.errors import UnsupportedModelError
 from kvsurgery.fx_utils import example, module_path, op_counts, own_code_copy
 from kvsurgery.sites import AttentionSite, SiteMatch, find_attention, find_cache_updates, find_sites
@@ -63,7 +64,7 @@ def _site(model: torch.nn.Module, match: SiteMatch) -> AttentionSite:
 
 
 def _decode_step(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache):
-    return model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
 
 
 def discover(model: torch.nn.Module) -> Discovery:
@@ -81,7 +82,7 @@ def discover(model: torch.nn.Module) -> Discovery:
     try:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            model(input_ids=ids[:, :3], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :3], use_cache=True, **{cache_keyword(model): cache})
             step = own_code_copy(_decode_step, f"kvsurgery_discover_{id(model):x}")
             torch.compile(step, backend=capture, fullgraph=True)(model, ids[:, 3:], cache)
     except torch._dynamo.exc.TorchDynamoException as exc:

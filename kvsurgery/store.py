@@ -160,6 +160,11 @@ class KVStore(Cache):
 
     # -- what transformers calls ---------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if not self.layers:
+            raise KVSurgeryError(
+                "the model wrote to a kvsurgery cache that was never allocated: call the rewritten model "
+                "(model(...) or model.generate(...)), which allocates the cache it is given on the prefill"
+            )
         layer = self.layers[layer_idx]
         names = ",".join(layer.plan.tensor_names)
         return torch.ops.kvsurgery.kv_update(
