@@ -114,13 +114,8 @@ def _tp_support() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def _two_process_runs(folder: pathlib.Path) -> tuple[dict, list[dict]]:
     """(single-process runs, per-rank tensor-parallel runs) of the same saved tiny Llama (4 query / 2 KV heads)."""
-    reason = _tp_support()
-    if reason:
-        pytest.skip(reason)
-    folder = tmp_path_factory.mktemp("tp")
     model_dir, out_dir = folder / "model", folder / "out"
     out_dir.mkdir()
     tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32).save_pretrained(model_dir)
@@ -134,67 +129,61 @@ def runs(tmp_path_factory):
         text=True,
         start_new_session=True,  # its own process group, so a timeout ends torchrun and both workers
     )
-    single = _run_recipes(_load(str(model_dir), tensor_parallel=False))  # meanwhile, in this process
     try:
+        single = _run_recipes(_load(str(model_dir), tensor_parallel=False))  # meanwhile, in this process
         log, _ = proc.communicate(timeout=TIME_LIMIT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"the 2-process run took over {TIME_LIMIT_S} s:\n{log[-4000:]}")
+        pytest.fail(f"the 2-process run took over {TIME_LIMIT_S} s")
+    finally:
+        if proc.poll() is None:  # timed out, or the single-process run failed
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode == 0, f"torchrun failed:\n{log[-4000:]}"
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return single, ranks
 
 
-def test_full_matches_the_single_process_model_on_every_rank(runs):
+def _check_full_is_the_single_process_model(single: dict, rank: dict) -> None:
     """The issue's case: `full` on a tp_plan model gave other tokens than HF from the first one on, silently."""
-    single, ranks = runs
-    for rank in ranks:
-        assert rank["hf"] == single["hf"]
-        assert rank["full"]["tokens"] == single["hf"]
+    assert rank["hf"] == single["hf"], "HF's own tensor-parallel generate differs from one process"
+    assert rank["full"]["tokens"] == single["hf"], "full on the tensor-parallel model differs from the model"
 
 
-@pytest.mark.parametrize("recipe", [r for r, _ in RECIPES])
-def test_compressed_recipes_match_their_single_process_run(runs, recipe):
-    single, ranks = runs
-    for rank in ranks:
-        assert rank[recipe]["tokens"] == single[recipe]["tokens"]
-
-
-@pytest.mark.parametrize("recipe", [r for r, _ in RECIPES])
-def test_each_rank_stores_half_the_kv_heads(runs, recipe):
-    """Every store tensor is per KV head except one token counter per layer, which each rank keeps whole."""
-    single, ranks = runs
+def _check_recipe_matches_one_process(single: dict, rank: dict, recipe: str) -> None:
+    """Same tokens as the single-process run; every store tensor is per KV head (half here) except one token
+    counter per layer, which each rank keeps whole."""
+    assert rank[recipe]["tokens"] == single[recipe]["tokens"], recipe
     counter = single[recipe]["counter_bytes"]
-    assert single[recipe]["kv_heads"] == [2, 2]
+    assert single[recipe]["kv_heads"] == [2, 2] and rank[recipe]["kv_heads"] == [1, 1], recipe
+    assert rank[recipe]["counter_bytes"] == counter, recipe
+    assert WORLD * (rank[recipe]["nbytes"] - counter) == single[recipe]["nbytes"] - counter, recipe
+
+
+def _check_refusals(rank: dict) -> None:
+    """A recipe deciding across heads, a custom pass that does not declare itself head-local, and processes
+    applying different recipes are refused at apply, naming why."""
+    refused, custom, mismatch = rank["refused"], rank["custom"], rank["mismatch"]
+    assert refused is not None and refused.startswith("RecipeError"), refused
+    assert "'adakv' cannot run on a tensor-parallel model (2 processes)" in refused
+    assert "moves budget between the KV heads" in refused
+    assert custom is not None and custom.startswith("RecipeError"), custom
+    assert "'custom_tp_check' cannot run on a tensor-parallel model" in custom and "head_local = True" in custom
+    assert mismatch is not None and mismatch.startswith("RecipeError"), mismatch
+    assert "every tensor-parallel process must apply the same recipe" in mismatch
+    assert "rank 0: 'snapkv(window=4)+uniform'" in mismatch and "rank 1: 'full'" in mismatch
+
+
+def test_two_processes_match_one_and_refuse_what_they_cannot_run(tmp_path):
+    """One test, so one 2-process run: under pytest-xdist separate tests would each launch their own."""
+    reason = _tp_support()
+    if reason:
+        pytest.skip(reason)
+    single, ranks = _two_process_runs(tmp_path)
     for rank in ranks:
-        assert rank[recipe]["kv_heads"] == [1, 1]
-        assert rank[recipe]["counter_bytes"] == counter
-        assert WORLD * (rank[recipe]["nbytes"] - counter) == single[recipe]["nbytes"] - counter
-
-
-def test_a_recipe_deciding_across_heads_is_refused_at_apply(runs):
-    _, ranks = runs
-    for rank in ranks:
-        assert rank["refused"] is not None and rank["refused"].startswith("RecipeError")
-        assert "'adakv' cannot run on a tensor-parallel model (2 processes)" in rank["refused"]
-        assert "moves budget between the KV heads" in rank["refused"]
-
-
-def test_a_custom_pass_must_declare_it_decides_each_head_alone(runs):
-    _, ranks = runs
-    for rank in ranks:
-        assert rank["custom"] is not None and rank["custom"].startswith("RecipeError")
-        assert "'custom_tp_check' cannot run on a tensor-parallel model" in rank["custom"]
-        assert "head_local = True" in rank["custom"]
-
-
-def test_ranks_applying_different_recipes_are_refused(runs):
-    _, ranks = runs
-    for rank in ranks:
-        assert rank["mismatch"] is not None and rank["mismatch"].startswith("RecipeError")
-        assert "every tensor-parallel process must apply the same recipe" in rank["mismatch"]
-        assert "rank 0: 'snapkv(window=4)+uniform'" in rank["mismatch"] and "rank 1: 'full'" in rank["mismatch"]
+        _check_full_is_the_single_process_model(single, rank)
+        for recipe, _ in RECIPES:
+            _check_recipe_matches_one_process(single, rank, recipe)
+        _check_refusals(rank)
 
 
 def test_headkv_budgets_are_the_whole_models_sliced_per_rank(tmp_path):
