@@ -17,7 +17,7 @@ from torch import fx
 from kvsurgery import registry
 from kvsurgery.budget import Budget
 from kvsurgery.errors import BudgetError, RecipeError, UnsupportedModelError
-from kvsurgery.fx_utils import is_kv_update, op_counts
+from kvsurgery.fx_utils import eliminate_dead_code, is_kv_update, op_counts
 from kvsurgery.pass_base import PHASES, Eviction, Pass, PlanState, Selection, SiteRewrite
 from kvsurgery.recipe import PassSpec, parse
 from kvsurgery.sites import AttentionSite, find_sites, unpaired_markers
@@ -166,7 +166,7 @@ class Recipe:
                         f"{type(p).__name__}.products"
                     )
             report.sites.append(SiteReport(match.layer, match.module, rw.inserted))
-        graph.eliminate_dead_code()  # drops the dense attention inputs the passes replaced, and the markers
+        eliminate_dead_code(graph)  # drops the dense attention inputs the passes replaced, and the markers
         leftover = [n for n in graph.nodes if is_kv_update(n)]
         if leftover:
             raise UnsupportedModelError(

@@ -79,10 +79,10 @@ class _HeadKVBase(Pass):
         if shares is None:
             raise CalibrationError(f"'{self.name}' has no scores: apply it with kvsurgery.apply(..., calibration=...)")
         n_layers, n_kv = shares.shape
-        if n_layers != len(sites) or any(s.n_kv_heads != n_kv for s in sites):
+        if n_layers != len(sites) or any(s.model_kv_heads != n_kv for s in sites):
             raise CalibrationError(
                 f"the calibration has {n_layers} layers x {n_kv} KV heads, the model's attention sites "
-                f"{len(sites)} x {sites[0].n_kv_heads}; recalibrate on this model"
+                f"{len(sites)} x {sites[0].model_kv_heads}; recalibrate on this model"
             )
 
     def plan_layer(self, state: PlanState) -> None:
@@ -103,7 +103,8 @@ class _HeadKVBase(Pass):
         caps = head_caps(shares, base, self.options.beta)
         if self.options.redistribute:
             caps = redistribute_overflow(caps, selectable, shares)
-        state.keep = [min(cap, selectable) + always for cap in caps[site.layer]]
+        heads = site.kv_heads  # the caps are the whole model's; under tensor parallelism this process's share
+        state.keep = [min(cap, selectable) + always for cap in caps[site.layer][heads.start : heads.stop]]
 
 
 @register_pass
