@@ -27,8 +27,7 @@ def keys_in_block(pos_ptr, row_pos, slot, n_ok, seen, window):
     """Which slots of a block attend: inside the filled part, non-empty, and within the sliding window."""
     p = tl.load(pos_ptr + row_pos + slot, mask=n_ok, other=-1)
     ok = n_ok & (p >= 0)
-    # int1 spelled out: triton 3.9 widens `scalar bool | tensor` to int32, which it refuses as a load mask
-    return (ok & ((window <= 0) | (p > seen - 1 - window))).to(tl.int1)
+    return ok & ((window <= 0) | (p > seen - 1 - window))
 
 
 @triton.jit
