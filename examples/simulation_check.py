@@ -5,7 +5,7 @@
 RESULTS_JSON is a `kvsurgery eval` results.json holding the recipe's records. RECIPE is one of kivi2, quant1bit,
 quant2bit, prefixkv, or snapkv+ one of the three quantizers. The simulation shares no code with kvsurgery's
 passes, ops or kernels: it runs transformers' own DynamicCache with a plain float32 attention function that
-follows the written specification (seed-algorithms sections 4.2, 5, 7.2 and 7.5):
+follows the methods as docs/quant.md, docs/prefixkv.md and the SnapKV and KIVI papers describe them:
 
 - prefill attention is exact; SnapKV and PrefixKV scores are computed from its probabilities;
 - after prefill the cache is cut to the kept tokens and its quantized span is replaced by fake-quantized values;
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
+from kvsurgery.compat import cache_keyword
 from kvsurgery.eval import tasks
 from kvsurgery.eval.tasks import score
 from kvsurgery.models import load_model
@@ -192,7 +193,8 @@ def simulate(model, sim: Simulation, ids: torch.Tensor, new_tokens: int, eos: in
     """Greedy decoding on the simulated cache, up to `new_tokens` or the end-of-sequence token (as generate)."""
     ACTIVE[:] = [sim]
     sim.prompt_len = ids.shape[1]
-    logits = model(ids, past_key_values=sim.cache, use_cache=True).logits
+    keyword = cache_keyword(model)
+    logits = model(ids, use_cache=True, **{keyword: sim.cache}).logits
     sim.compress()
     out = [logits[:, -1].argmax(-1, keepdim=True)]
     for step in range(new_tokens - 1):
@@ -200,7 +202,7 @@ def simulate(model, sim: Simulation, ids: torch.Tensor, new_tokens: int, eos: in
             break
         sim.step = step
         pos = torch.tensor([[sim.prompt_len + step]])
-        logits = model(out[-1], past_key_values=sim.cache, position_ids=pos, use_cache=True).logits
+        logits = model(out[-1], position_ids=pos, use_cache=True, **{keyword: sim.cache}).logits
         out.append(logits[:, -1].argmax(-1, keepdim=True))
     return torch.cat(out, 1)[0]
 

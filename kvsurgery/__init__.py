@@ -5,7 +5,7 @@ model.generate(ids, max_new_tokens=64)     # runs on a real, fixed-capacity comp
 print(kvsurgery.explain(model))
 """
 
-from kvsurgery import ops  # noqa: F401  (registers torch.ops.kvsurgery.*)
+from kvsurgery import ops
 from kvsurgery.api import apply, new_cache, restore
 from kvsurgery.errors import (
     BudgetError,
@@ -19,6 +19,8 @@ from kvsurgery.errors import (
 from kvsurgery.explain import explain
 from kvsurgery.pass_base import Pass
 from kvsurgery.registry import recipes, register_pass
+
+ops.register()  # defines torch.ops.kvsurgery.* and their CUDA kernels, once
 
 __all__ = [
     "BudgetError",

@@ -6,6 +6,7 @@ import torch
 
 from kvsurgery.budget import Budget
 from kvsurgery.capture import check_causal_lm, discover
+from kvsurgery.distributed import check_tensor_parallel, shard_sites
 from kvsurgery.errors import BudgetError, KVSurgeryError
 from kvsurgery.manager import build_recipe, check_sites
 from kvsurgery.runtime import Surgery
@@ -41,11 +42,13 @@ def apply(
     built = build_recipe(recipe, budget, **options)
     check_causal_lm(model)
     _check_budget_fits(model, built.budget)
-    for p in built.passes:
-        p.check_model(model)
+    agreed = f"{built.text!r} budget={built.budget} compile={compile} max_new_tokens={max_new_tokens}"
+    check_tensor_parallel(model, built.passes, agreed)
+    built.check_model(model)
     found = discover(model)
-    check_sites(built, found.sites)
-    surgery = Surgery(model, built, found.sites, found.op_counts, compile, max_new_tokens)
+    sites = shard_sites(model, found.sites)
+    check_sites(built, sites)
+    surgery = Surgery(model, built, sites, found.op_counts, compile, max_new_tokens)
     surgery.install()
     return model
 

@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvsurgery.bench_attention import QUANT_RECIPES
-from kvsurgery.errors import BudgetError, KVSurgeryError, RecipeError
+from kvsurgery.bench_attention import QUANT_RECIPES, attention_rows, split_recipes
+from kvsurgery.compat import output_cache
+from kvsurgery.errors import KVSurgeryError, RecipeError
 
 GIB = 2**30
 SHAPES = {
@@ -226,17 +227,9 @@ def _guarded(row: Row, device: torch.device, body) -> Row:
 
 def _budget_for(recipe: str, budget: float) -> float | None:
     """The budget a recipe takes: `budget`, or None for recipes that keep everything (e.g. 'full')."""
-    from kvsurgery.manager import build_recipe
+    from kvsurgery.manager import selects_tokens
 
-    try:
-        build_recipe(recipe, budget)
-        return budget
-    except BudgetError as first:
-        try:
-            build_recipe(recipe, None)
-            return None
-        except BudgetError:
-            raise first from None
+    return budget if selects_tokens(recipe) else None
 
 
 def _unregistered(recipe: str) -> str | None:
@@ -279,7 +272,7 @@ def hf_row(model, ids, args, device, floor, bandwidth) -> Row:
 
     def once():
         prefill, decode, out = timed_generate(model, ids, args.new_tokens, cache_implementation="static")
-        return prefill, decode, _cache_bytes(out.past_key_values)
+        return prefill, decode, _cache_bytes(output_cache(out))
 
     return _guarded(row, device, lambda: _measure(row, once, device, floor, bandwidth))
 
@@ -379,10 +372,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"kvsurgery bench: {meta['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, shape {args.shape} {dtype}")
     if args.attention:
-        from kvsurgery.bench_attention import attention_rows, split_recipes
-
         quant = split_recipes(args.quant)
-        results = attention_rows(args.shape, contexts, batches, device, dtype, bandwidth, quant)
+        results = attention_rows(SHAPES[args.shape], contexts, batches, device, dtype, bandwidth, quant)
         for result in results:
             if result["status"] != "ok":
                 print(f"attention kernel: {result['status']}: {result['reason']}")

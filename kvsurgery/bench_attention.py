@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvsurgery.quant_layout import QuantLayout
+from kvsurgery.reference.quant_layout import QuantLayout
 
 # 2/4-bit KIVI (keys per channel over 32 tokens, values per token over 32 channels, 128-token residual), KIVI 2-bit
 # with 128-wide groups, 2/1-bit CalibQuant (per-channel statistics over the span, logit calibration, 32 recent tokens)
@@ -35,7 +35,7 @@ def split_recipes(text: str) -> tuple[str, ...]:
 def recipe_layout(text: str) -> tuple[QuantLayout, float]:
     """(layout, logit squeeze) of the quantization pass of a recipe such as "kivi2" or "kivi2(group=128)"."""
     from kvsurgery.manager import build_recipe
-    from kvsurgery.quant_pass import QuantPass
+    from kvsurgery.passes.quant import QuantPass
 
     quant = next(p for p in build_recipe(text).passes if isinstance(p, QuantPass))
     return quant.layout(), quant.squeeze
@@ -125,7 +125,7 @@ def attention_group(
     timing=_timing,
 ) -> list[dict]:
     """The dense kernel row and one row per quantization recipe, for `tokens` per KV head (CUDA unless `device`)."""
-    from kvsurgery.kernels.quantized_attention import bytes_read
+    from kvsurgery.kernels.quant_attention import bytes_read
 
     device = device or torch.device("cuda")
     q = torch.randn(batch, n_q, 1, d, device=device, dtype=dtype)
@@ -145,7 +145,7 @@ def attention_group(
 
 
 def attention_rows(
-    shape: str,
+    cfg: dict,
     contexts: list[int],
     batches: list[int],
     device: torch.device,
@@ -153,12 +153,9 @@ def attention_rows(
     bandwidth: float,
     quant: tuple[str, ...] = QUANT_RECIPES,
 ) -> list[dict]:
-    """Rows per (tokens per KV head, batch) of the named model shape's attention geometry."""
-    from kvsurgery.bench import SHAPES
-
+    """Rows per (tokens per KV head, batch) of the attention geometry of a model shape (its config keywords)."""
     if device.type != "cuda":
         return [dict(status="skipped", reason="the Triton decode-attention kernels run on CUDA (CPU: the reference)")]
-    cfg = SHAPES[shape]
     rows = []
     for tokens in contexts:
         for batch in batches:

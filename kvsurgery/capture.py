@@ -8,6 +8,7 @@ import torch
 from torch import fx
 from transformers.cache_utils import DynamicCache
 
+from kvsurgery.compat import cache_keyword
 from kvsurgery.errors import UnsupportedModelError
 from kvsurgery.fx_utils import example, module_path, op_counts
 from kvsurgery.private_compile import PrivateCompile
@@ -20,7 +21,6 @@ ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "matmul")
 class Discovery:
     sites: list[AttentionSite]
     op_counts: dict[str, int]  # of the captured decode graph, before any rewrite
-    cache_kind: str
 
 
 def check_causal_lm(model: torch.nn.Module) -> None:
@@ -64,7 +64,7 @@ def _site(model: torch.nn.Module, match: SiteMatch) -> AttentionSite:
 
 
 def _decode_step(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache):
-    return model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
 
 
 def discover(model: torch.nn.Module) -> Discovery:
@@ -82,7 +82,7 @@ def discover(model: torch.nn.Module) -> Discovery:
     try:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            model(input_ids=ids[:, :3], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :3], use_cache=True, **{cache_keyword(model): cache})
             # released on exit: nothing of this capture (guards on the model, the graph) outlives discover()
             with PrivateCompile(_decode_step, f"kvsurgery_discover_{id(model):x}", capture, fullgraph=True) as step:
                 step(model, ids[:, 3:], cache)
@@ -119,4 +119,4 @@ def discover(model: torch.nn.Module) -> Discovery:
         )
     counts = {k: v for k, v in op_counts(graph).items() if k in ATTENTION_OPS}
     counts["cache updates (torch.cat onto a cache tensor)"] = len(find_cache_updates(graph))
-    return Discovery([_site(model, m) for m in matches], counts, matches[0].cache.kind)
+    return Discovery([_site(model, m) for m in matches], counts)

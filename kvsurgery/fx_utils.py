@@ -88,6 +88,23 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def mutates_in_place(node: fx.Node) -> bool:
+    """An in-place tensor method (`x.copy_(y)`, `x.add_(1)`): FX's default dead-code elimination treats every
+    call_method as pure and drops it when its result is unused, e.g. the write-back of a traced in-place
+    `dist.all_reduce` (tensor-parallel row-sharded projections)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and isinstance(name, str) and _is_inplace_name(name)
+
+
+def _is_inplace_name(name: str) -> bool:
+    return name.endswith("_") and not name.startswith("_")
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Remove unused nodes, keeping in-place mutations (see `mutates_in_place`) and FX's own impure nodes."""
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or mutates_in_place(node))
+
+
 def own_code_copy(fn, name: str):
     """A copy of `fn` with its own code object and globals. Dynamo stores compiled entries, and counts recompiles,
     per code object, and installs compiled graphs as globals of the frame: each rewritten model gets private ones,

@@ -1,22 +1,29 @@
 """The pass manager: turns recipe text into an ordered, validated pass list, plans the store, and rewrites
-every attention site of every captured graph with those passes."""
+every attention site of every captured graph with those passes.
+
+It owns every composition rule: one provider per `EXCLUSIVE` capability, `identity` alone, a pass's `alone` and
+`excludes` declarations, defaults for what a pass `requires`, the core select/attend passes when nothing replaces
+them, and that a pass's rewrite hands on only the `products` it declares.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import fx
 
 from kvsurgery import registry
 from kvsurgery.budget import Budget
 from kvsurgery.errors import BudgetError, RecipeError, UnsupportedModelError
-from kvsurgery.fx_utils import is_kv_update, op_counts
+from kvsurgery.fx_utils import eliminate_dead_code, is_kv_update, op_counts
 from kvsurgery.pass_base import PHASES, Eviction, Pass, PlanState, Selection, SiteRewrite
 from kvsurgery.recipe import PassSpec, parse
 from kvsurgery.sites import AttentionSite, find_sites, unpaired_markers
 from kvsurgery.store import LayerPlan, Plane
 
-EXCLUSIVE = ("identity", "scores", "budget", "decode_eviction", "decode_append", "quant")
+EXCLUSIVE = ("identity", "scores", "budget", "decode_eviction", "decode_append", "quant", "select", "attend")
 CORE_PASSES = ("select", "attend")
 
 
@@ -46,10 +53,29 @@ class Recipe:
     selection: Selection
     eviction: Eviction | None
     added: list[str]  # passes added as defaults, with the reason
+    states: dict[str, Any] = field(default_factory=dict)  # pass name -> what its check_model returned
 
     @property
     def text(self) -> str:
         return "+".join(p.spec() for p in self.passes if not p.core)
+
+    @property
+    def provided(self) -> frozenset[str]:
+        """Every capability some pass of the recipe provides."""
+        return frozenset().union(*(p.provides for p in self.passes))
+
+    @property
+    def dynamic_budgets(self) -> bool:
+        """Whether per-head budgets are decided at prefill (Ada-KV) rather than planned."""
+        return any(p.dynamic_budgets for p in self.passes)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Run every pass's `check_model` and keep what each returns (its model state)."""
+        self.states = {p.name: p.check_model(model, self) for p in self.passes}
+
+    def state(self, p: Pass) -> Any:
+        """The model state `p.check_model` returned (None before `check_model` ran)."""
+        return self.states.get(p.name)
 
     # -- static planning ----------------------------------------------------------------------------
     def plan(self, sites: list[AttentionSite], row_lengths: list[int], max_new_tokens: int) -> list[LayerPlan]:
@@ -91,6 +117,7 @@ class Recipe:
         for site in sites:
             state = PlanState(
                 site=site,
+                recipe=self,
                 n_layers=len(sites),
                 prompt_len=prompt_len,
                 max_new_tokens=max_new_tokens,
@@ -128,11 +155,18 @@ class Recipe:
             phase = "prefill" if prefill else "decode"
             report.phase = phase
             store = dict(zip(names.split(","), tensors, strict=True))
-            rw = SiteRewrite(graph, sites[match.layer], match, phase, store)
+            rw = SiteRewrite(graph, self, sites[match.layer], match, phase, store)
             for p in self.passes:
+                before = set(rw.products)
                 p.rewrite(rw)
+                undeclared = sorted(set(rw.products) - before - p.products)
+                if undeclared:
+                    raise RecipeError(
+                        f"pass '{p.name}' handed on product {undeclared[0]!r} without declaring it; add it to "
+                        f"{type(p).__name__}.products"
+                    )
             report.sites.append(SiteReport(match.layer, match.module, rw.inserted))
-        graph.eliminate_dead_code()  # drops the dense attention inputs the passes replaced, and the markers
+        eliminate_dead_code(graph)  # drops the dense attention inputs the passes replaced, and the markers
         leftover = [n for n in graph.nodes if is_kv_update(n)]
         if leftover:
             raise UnsupportedModelError(
@@ -206,6 +240,21 @@ def _check_exclusive(passes: list[Pass]) -> None:
         )
 
 
+def _check_composition(passes: list[Pass]) -> None:
+    """The passes' own composition declarations: `alone` (no other pass beside it) and `excludes`."""
+    for p in passes:
+        others = [o for o in passes if o is not p and not o.core]
+        if p.alone and others:
+            raise RecipeError(
+                f"'{p.name}' {p.alone}; it does not combine with '{'+'.join(o.name for o in others)}' "
+                f"(write '{p.name}' alone)"
+            )
+        for cap, reason in p.excludes.items():
+            rivals = [o.name for o in others if cap in o.provides]
+            if rivals:
+                raise RecipeError(f"'{p.name}' cannot be combined with {reason.format(name=p.name, rival=rivals[0])}")
+
+
 def build_recipe(text: str, budget=None, **options) -> Recipe:
     """Parse, resolve defaults, validate and order a recipe."""
     specs = _route_options(parse(text), options)
@@ -232,6 +281,7 @@ def build_recipe(text: str, budget=None, **options) -> Recipe:
         passes.append(_instantiate(registry.get(spec.name), spec.options))
         added.append(f"{default} (for {cap}, required by {owner.name})")
         _check_exclusive(passes)
+    _check_composition(passes)
     provided = set().union(*(p.provides for p in passes))
     if "scores" in provided and "budget" not in provided:
         passes.append(_instantiate(registry.get("uniform"), {}))
@@ -260,10 +310,7 @@ def build_recipe(text: str, budget=None, **options) -> Recipe:
                 f"budget {parsed_budget.tokens} is below the {selection.sinks} sinks + {selection.window}-token "
                 f"window that are always kept; use budget >= {floor} or a smaller window"
             )
-    recipe = Recipe(passes, parsed_budget, selection, eviction, added)
-    for p in passes:
-        p.recipe = recipe
-    return recipe
+    return Recipe(passes, parsed_budget, selection, eviction, added)
 
 
 def selects_tokens(text: str) -> bool:
@@ -276,5 +323,6 @@ def selects_tokens(text: str) -> bool:
 
 
 def check_sites(recipe: Recipe, sites: list[AttentionSite]) -> None:
+    """Every pass's `check` against the model's attention sites."""
     for p in recipe.passes:
-        p.check(sites, recipe.budget)
+        p.check(sites, recipe)

@@ -1,30 +1,36 @@
-"""The `Pass` base class and the per-site rewrite context passes insert nodes through.
+"""The `Pass` base class, the vocabularies passes declare against, and the contexts they plan and rewrite through.
 
-A pass declares what it `provides` and `requires` (capabilities such as "scores" or "budget"), its
-`Options` dataclass, and implements any of:
-  check_model(model)      read what the pass needs from the model (config token ids, calibration) or refuse it
-  plan_layer(site, plan)  shape the static store plan (budgets, eviction policy) for one layer
-  rewrite(rw)             insert nodes into one site of one captured graph (rw.phase: prefill or decode)
-Passes run in phase order (score < budget < select < quant < attend), then recipe order.
+A pass declares what it `provides` and `requires` (capabilities, `CAPABILITIES`), the `products` it hands later
+passes at a site (`PRODUCTS`), its `Options` dataclass, and implements any of:
+  check_model(model, recipe)  read what the pass needs from the model (config token ids, calibration) or refuse it;
+                              what it returns is the pass's model state, handed back as `recipe.state(self)`
+  check(sites, recipe)        validate options against the model's attention sites and the budget
+  plan_layer(state)           shape the static store plan (budgets, eviction policy) of one layer
+  rewrite(rw)                 insert nodes into one site of one captured graph (rw.phase: prefill or decode)
+The manager (`kvsurgery.manager`) owns composition: it orders passes by phase (score < budget < select < quant <
+attend), then recipe order, and refuses combinations the declarations rule out. `state.recipe` and `rw.recipe` are the
+recipe being applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import fx
 
 from kvsurgery.fx_utils import op_name
-from kvsurgery.ops import STORE_MUTATES
 from kvsurgery.sites import AttentionSite, SiteMatch
-from kvsurgery.store import Plane
+from kvsurgery.store import CORE_TENSORS, Plane
+
+if TYPE_CHECKING:
+    from kvsurgery.manager import Recipe
 
 PHASES = ("score", "budget", "select", "quant", "attend")
 
-# Capabilities a pass can provide. "exclusive" ones may have a single provider in a recipe.
+# Capabilities a pass can provide or require (`kvsurgery.manager.EXCLUSIVE`: those a recipe takes one provider of).
 CAPABILITIES = {
     "identity": "keeps every token (no compression)",
     "scores": "token importance scores at prefill",
@@ -34,6 +40,13 @@ CAPABILITIES = {
     "decode_append": "writes each decoded token into the store itself (the core select pass then inserts no append_)",
     "quant": "low-bit storage of the kept tokens",
     "attend": "decode attention over the store",
+}
+
+# What a pass's rewrite can hand the passes after it at one site (`rw.products[name]`, an fx node).
+PRODUCTS = {
+    "scores": "token scores [B, Hkv, T] at prefill (the select pass keeps the top ones)",
+    "budgets": "per-KV-head budgets [B, Hkv] decided at prefill (Ada-KV)",
+    "is_visual": "which prompt tokens are image tokens, bool [B, T]",
 }
 
 
@@ -70,6 +83,7 @@ class PlanState:
     """Per-layer static decisions, refined by each pass's `plan_layer` before the store is allocated."""
 
     site: AttentionSite
+    recipe: Recipe
     n_layers: int
     prompt_len: int
     max_new_tokens: int
@@ -88,6 +102,7 @@ class SiteRewrite:
     """Handles on one attention site of one captured graph, and the nodes passes insert there."""
 
     graph: fx.Graph
+    recipe: Recipe
     site: AttentionSite
     match: SiteMatch
     phase: str  # "prefill" or "decode"
@@ -121,7 +136,7 @@ class SiteRewrite:
         return node
 
     def store_args(self) -> tuple[fx.Node, ...]:
-        return tuple(self.store[name] for name in STORE_MUTATES)
+        return tuple(self.store[name] for name in CORE_TENSORS)
 
 
 class Pass:
@@ -129,8 +144,11 @@ class Pass:
 
     name: ClassVar[str]
     phase: ClassVar[str]
-    provides: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()  # capabilities (CAPABILITIES)
     requires: ClassVar[frozenset[str]] = frozenset()
+    products: ClassVar[frozenset[str]] = frozenset()  # what rewrite() puts in rw.products (PRODUCTS)
+    excludes: ClassVar[dict[str, str]] = {}  # capability -> why no other pass of the recipe may provide it
+    alone: ClassVar[str] = ""  # why the pass takes no other (non-core) pass beside it; "" = it composes
     defaults: ClassVar[dict[str, str]] = {}  # capability -> recipe used when no pass in the recipe provides it
     needs_budget: ClassVar[bool] = False
     dynamic_budgets: ClassVar[bool] = False  # per-head budgets decided at prefill ("budgets" product), not planned
@@ -169,12 +187,14 @@ class Pass:
         """The decode-time eviction this pass defines, if any."""
         return None
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, recipe: Recipe) -> Any:
         """Validate against the model itself and read what the pass needs from it (its config's token ids, a
-        calibration artefact bound to it); runs before discovery, so refusals are quick."""
+        calibration artefact bound to it); runs before discovery, so refusals are quick. The return value is this
+        pass's model state: the manager keeps it and hands it back as `recipe.state(self)`."""
+        return None
 
-    def check(self, sites: list[AttentionSite], budget) -> None:
-        """Validate options against the model and budget; raise a clear error when they cannot work."""
+    def check(self, sites: list[AttentionSite], recipe: Recipe) -> None:
+        """Validate options against the model's attention sites and the recipe's budget; raise a clear error."""
 
     def plan_layer(self, state: PlanState) -> None:
         """Refine the static plan of one layer."""

@@ -10,18 +10,7 @@ before the mutating op runs. Reads that come after the op (and the ops themselve
 from __future__ import annotations
 
 import torch
-from torch import Tensor, fx
-
-
-@torch.library.custom_op("kvsurgery::snapshot", mutates_args=())
-def snapshot(t: Tensor) -> Tensor:
-    """A copy of `t` as it is now (an opaque op: the compiler cannot move the read past a later mutation)."""
-    return t.clone()
-
-
-@snapshot.register_fake
-def _(t):
-    return torch.empty_like(t)
+from torch import fx
 
 
 def _kvsurgery_op(node: fx.Node) -> bool:

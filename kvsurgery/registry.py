@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 
 from kvsurgery.errors import RecipeError
-from kvsurgery.pass_base import PHASES, Pass
+from kvsurgery.pass_base import CAPABILITIES, PHASES, PRODUCTS, Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _loaded = False
@@ -21,10 +21,24 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise RecipeError(f"{cls.__name__} needs a class attribute `name` to be registered")
     if getattr(cls, "phase", None) not in PHASES:
         raise RecipeError(f"{cls.__name__}.phase must be one of {PHASES}, got {getattr(cls, 'phase', None)!r}")
+    _check_vocabulary(cls, "provides", CAPABILITIES)  # (an unmet `requires` is refused when a recipe is built)
+    _check_vocabulary(cls, "excludes", CAPABILITIES)
+    _check_vocabulary(cls, "products", PRODUCTS)
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise RecipeError(f"a pass named '{name}' is already registered ({_REGISTRY[name].__module__})")
     _REGISTRY[name] = cls
     return cls
+
+
+def _check_vocabulary(cls: type[Pass], attribute: str, known: dict[str, str]) -> None:
+    """Refuse a declared capability or product the manager does not know (a typo would otherwise pass silently)."""
+    for word in sorted(getattr(cls, attribute)):
+        if word not in known:
+            close = difflib.get_close_matches(word, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(
+                f"{cls.__name__}.{attribute} names {word!r}{hint}, which is not one of: {', '.join(sorted(known))}"
+            )
 
 
 def _load_builtins() -> None:

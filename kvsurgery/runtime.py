@@ -11,6 +11,7 @@ import torch
 from torch import fx
 from transformers.cache_utils import Cache
 
+from kvsurgery.compat import cache_keyword, pop_cache
 from kvsurgery.errors import KVSurgeryError
 from kvsurgery.manager import GraphReport, Recipe
 from kvsurgery.private_compile import PrivateCompile
@@ -55,6 +56,7 @@ class Surgery:
         self.original_forward = type(model).forward.__get__(model)
         self.original_generate = type(model).generate.__get__(model)
         self.signature = inspect.signature(self.original_forward)
+        self.cache_keyword = cache_keyword(self.original_forward)  # `cache` from transformers 5.24 on
         self.defaults = {
             p.name: p.default for p in self.signature.parameters.values() if p.default is not inspect.Parameter.empty
         }
@@ -100,7 +102,8 @@ class Surgery:
             use_cache = getattr(self.model.config.get_text_config(decoder=True), "use_cache", True)
         if not use_cache:
             return self.original_forward(**call)  # no KV cache exists: exact attention over the input
-        store = self._store_for(call.get("past_key_values"))
+        store = self._store_for(pop_cache(call))
+        _check_no_other_cache(call, store)
         inputs = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
         batch, new_tokens = inputs.shape[:2]
         if not store.prefilled:
@@ -108,7 +111,7 @@ class Surgery:
             self.last_store = store
         else:
             store.check_room(new_tokens)
-        call["past_key_values"] = store
+        call[self.cache_keyword] = store
         return_dict = call.pop("return_dict", None)
         out = self.compiled_step(self.original_forward, {**self.defaults, **call, "return_dict": True})
         if store.prefilled:
@@ -117,17 +120,17 @@ class Surgery:
         return out if return_dict is not False else out.to_tuple()
 
     def generate(self, *args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = self.new_store(self._max_new_tokens(args, kwargs))
+        kwargs[self.cache_keyword] = self._store_for(pop_cache(kwargs), self._max_new_tokens(args, kwargs))
         return self.original_generate(*args, **kwargs)
 
-    def _store_for(self, cache) -> KVStore:
+    def _store_for(self, cache, max_new_tokens: int | None = None) -> KVStore:
+        """The store to run on: the user's own KVStore, or a new one in place of no cache or an empty one."""
         if isinstance(cache, KVStore):
             if cache.surgery is not self:
                 raise KVSurgeryError("this KVStore was created for another model; create one with this model")
             return cache
         if cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0):
-            return self.new_store()
+            return self.new_store(max_new_tokens)
         raise KVSurgeryError(
             f"the model was rewritten by kvsurgery and needs its compressed cache, but got a "
             f"{type(cache).__name__} holding {cache.get_seq_length()} tokens; pass no cache (one is created), "
@@ -181,6 +184,16 @@ def _weak_backend(surgery: Surgery):
         return ref()._backend(gm, example_inputs)
 
     return backend
+
+
+def _check_no_other_cache(call: dict, store: KVStore) -> None:
+    """Refuse a call carrying a second cache object: the model could write to it instead of kvsurgery's store."""
+    for name, value in call.items():
+        if isinstance(value, Cache) and value is not store:
+            raise KVSurgeryError(
+                f"forward() got a {type(value).__name__} as {name}= besides kvsurgery's compressed cache; the model "
+                "must write to the cache kvsurgery allocated. Pass one cache, as cache= or past_key_values="
+            )
 
 
 def _row_lengths(mask, batch: int, width: int) -> list[int]:

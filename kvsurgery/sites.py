@@ -13,12 +13,16 @@ import math
 import operator
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
 from kvsurgery.errors import UnsupportedModelError
 from kvsurgery.fx_utils import arg, example, is_kv_update, module_path, trace_source
+
+if TYPE_CHECKING:
+    from kvsurgery.distributed import HeadShard
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax)
@@ -38,11 +42,27 @@ class AttentionSite:
     v_head_dim: int
     scale: float
     sliding_window: int | None
+    shard: HeadShard | None = None  # tensor parallelism: the heads above are this process's share of the model's
+
+    @property
+    def model_kv_heads(self) -> int:
+        """The model's KV heads over every process (`n_kv_heads` unless tensor parallelism splits them)."""
+        return self.shard.model_kv_heads if self.shard is not None else self.n_kv_heads
+
+    @property
+    def kv_heads(self) -> range:
+        """Which of the model's KV heads this site holds, e.g. to slice a per-head table of the whole model."""
+        offset = self.shard.offset if self.shard is not None else 0
+        return range(offset, offset + self.n_kv_heads)
 
     def describe(self) -> str:
         """The site's attention, without its layer: "sdpa, 9 q heads / 3 kv heads, head_dim 64"."""
         window = f", sliding window {self.sliding_window}" if self.sliding_window else ""
-        return f"{self.kind}, {self.n_heads} q heads / {self.n_kv_heads} kv heads, head_dim {self.head_dim}{window}"
+        heads = self.kv_heads
+        kv = f"{self.n_kv_heads} kv heads"
+        if self.shard is not None:
+            kv += f" (heads {heads.start}-{heads.stop - 1} of {self.model_kv_heads})"
+        return f"{self.kind}, {self.n_heads} q heads / {kv}, head_dim {self.head_dim}{window}"
 
 
 @dataclass
@@ -172,7 +192,7 @@ def find_cache_updates(graph: fx.Graph) -> list[fx.Node]:
     ]
 
 
-def _layer_index(module: str, model: torch.nn.Module | None, marker: fx.Node | None) -> int:
+def layer_index(module: str, model: torch.nn.Module | None, marker: fx.Node | None) -> int:
     if marker is not None:
         return int(marker.args[4])
     if model is not None:
@@ -197,7 +217,7 @@ def find_sites(graph: fx.Graph, model: torch.nn.Module | None = None) -> list[Si
             continue  # attention over non-cached tensors (e.g. a vision tower): not a KV-cache site
         module = module_path(attn.output)
         cache = CacheMatch(k_src[0], k_src[1], v_src[1], k_src[2])
-        sites.append(SiteMatch(_layer_index(module, model, cache.marker), module, attn, cache))
+        sites.append(SiteMatch(layer_index(module, model, cache.marker), module, attn, cache))
     return sorted(sites, key=lambda s: s.layer)
 
 

@@ -14,10 +14,13 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from kvsurgery import ops
 from kvsurgery.errors import CacheCapacityError, KVSurgeryError
 
-CORE_TENSORS = ops.STORE_MUTATES
+# Every tensor a layer's store can hold, declared once: the ops take them in these orders (kvsurgery.ops.schema).
+CORE_TENSORS = ("k_store", "v_store", "pos", "slot_score", "keep", "cap", "start", "length", "seen")
+QUANT_TENSORS = ("qk_codes", "qk_scale", "qk_low", "qv_codes", "qv_scale", "qv_low", "q_start", "q_cap", "q_len")
+LABEL_TENSORS = ("labels", "label_range")  # Double Sparsity's label cache; label_range only for quantized labels
+STORE_TENSORS = {name: "Tensor" for name in (*CORE_TENSORS, *QUANT_TENSORS, "labels")} | {"label_range": "Tensor?"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class LayerPlan:
 
 
 class StoreLayer:
-    """The tensors of one layer's compressed store (see `kvsurgery.reference` for their layout)."""
+    """The tensors of one layer's compressed store (see `kvsurgery.reference.core` for their layout)."""
 
     def __init__(self, plan: LayerPlan, batch: int, dtype: torch.dtype, device: torch.device):
         self.plan = plan
@@ -160,6 +163,11 @@ class KVStore(Cache):
 
     # -- what transformers calls ---------------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if not self.layers:
+            raise KVSurgeryError(
+                "the model wrote to a kvsurgery cache that was never allocated: call the rewritten model "
+                "(model(...) or model.generate(...)), which allocates the cache it is given on the prefill"
+            )
         layer = self.layers[layer_idx]
         names = ",".join(layer.plan.tensor_names)
         return torch.ops.kvsurgery.kv_update(

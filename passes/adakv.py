@@ -1,4 +1,4 @@
-"""`adakv`: Ada-KV adaptive per-head budgets (Feng et al., 2024), seed-algorithms section 7.6."""
+"""`adakv`: Ada-KV adaptive per-head budgets (Feng et al., 2024, arXiv 2407.11550)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class AdaKV(Pass):
     name = "adakv"
     phase = "budget"
     provides = frozenset({"budget"})
+    products = frozenset({"budgets"})
     requires = frozenset({"scores"})
     defaults: ClassVar[dict[str, str]] = {"scores": "snapkv(window=8,kernel=7,pool=max)"}
     needs_budget = True
@@ -32,6 +33,6 @@ class AdaKV(Pass):
 
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
-            sel, o = self.recipe.selection, self.options
+            sel, o = rw.recipe.selection, self.options
             args = (rw.products["scores"], rw.mask, rw.store["keep"], sel.sinks, sel.window, o.floor, o.normalize)
             rw.products["budgets"] = rw.call(self.name, kv_op("budget_adakv"), args)

@@ -24,7 +24,7 @@ class Attend(Pass):
                 user.replace_all_uses_with(rw.k if user.args[1] == 0 else rw.v)
             return
         s = rw.store
-        ev = layer_eviction(self.recipe, rw.site)
+        ev = layer_eviction(rw.recipe, rw.site)
         window = rw.site.sliding_window or 0
         scale = rw.match.attention.scale
         old = rw.match.attention.output

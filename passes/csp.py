@@ -1,4 +1,4 @@
-"""`csp`: Cross-Self KV cache pruning for vision-language models (Pei et al., 2024), seed-algorithms section 3."""
+"""`csp`: Cross-Self KV cache pruning for vision-language models (Pei et al., 2024); docs/csp.md."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsurgery import crossmodal  # noqa: F401  (registers torch.ops.kvsurgery.score_csp)
 from kvsurgery.modality import visual_mask, visual_token_ids
 from kvsurgery.pass_base import Pass, Selection, SiteRewrite, kv_op
 from kvsurgery.registry import register_pass
@@ -19,6 +18,7 @@ class CSP(Pass):
     name = "csp"
     phase = "score"
     provides = frozenset({"scores"})
+    products = frozenset({"scores", "is_visual"})
     needs_budget = True
 
     @dataclass(frozen=True)
@@ -34,14 +34,15 @@ class CSP(Pass):
     def selection(self) -> Selection:
         return Selection(window=self.options.window)
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        self.token_ids = visual_token_ids(model, self.name)
+    def check_model(self, model: torch.nn.Module, recipe) -> list[int]:
+        """The model's image token ids (from its config)."""
+        return visual_token_ids(model, self.name)
 
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase != "prefill":
             return
         o = self.options
-        is_visual = visual_mask(rw.graph, self.token_ids, self.name)
+        is_visual = visual_mask(rw.graph, rw.recipe.state(self), self.name)
         rw.products["is_visual"] = is_visual
         rw.inserted.setdefault(self.name, []).append("is_visual(input_ids)")
         args = (rw.q, rw.k, rw.mask, is_visual, rw.store["keep"], rw.match.attention.scale, o.window)

@@ -1,4 +1,4 @@
-"""`doublesparse`: Double Sparsity (Yang et al., 2024), seed-algorithms section 2.
+"""`doublesparse`: Double Sparsity (Yang et al., 2024, arXiv 2408.07092); docs/doublesparse.md.
 
 The store keeps every token (no eviction) plus a label plane. `budget` is k, the tokens each KV head attends to per
 decode step (an int, or a fraction of the prompt). The first `dense_layers` layers, and sliding-window layers, attend
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsurgery import sparse_attention
 from kvsurgery.calibration.doublesparse import load_channels
 from kvsurgery.errors import CalibrationError, RecipeError
 from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
+from kvsurgery.reference import doublesparse as sparse_attention
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
 from kvsurgery.store import Plane
@@ -32,6 +32,7 @@ class DoubleSparsity(Pass):
     name = "doublesparse"
     phase = "attend"
     provides = frozenset({"attend"})
+    alone = "keeps every token and replaces decode attention"
     needs_budget = True
 
     @dataclass(frozen=True)
@@ -52,18 +53,14 @@ class DoubleSparsity(Pass):
         return self.options.r or head_dim // self.options.group_factor
 
     # -- validation ---------------------------------------------------------------------------------
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, recipe) -> list[torch.Tensor]:
+        """The calibrated outlier channels, per layer [Hq, head_dim] (ranked)."""
         if not self.options.calibration:
             raise CalibrationError(f"doublesparse needs this model's channel calibration: {HOW_TO_CALIBRATE}")
-        self.channels = load_channels(self.options.calibration, model)
+        return load_channels(self.options.calibration, model)
 
-    def check(self, sites: list[AttentionSite], budget) -> None:
-        others = [p.name for p in self.recipe.passes if not p.core and p is not self]
-        if others:
-            raise RecipeError(
-                f"'doublesparse' keeps every token and replaces decode attention; it does not combine with "
-                f"'{'+'.join(others)}' (write 'doublesparse' alone)"
-            )
+    def check(self, sites: list[AttentionSite], recipe) -> None:
+        channels = recipe.state(self)
         o = self.options
         for site in sites:
             r = self.channels_per_head(site.head_dim)
@@ -72,7 +69,7 @@ class DoubleSparsity(Pass):
                     f"doublesparse: r = {r} channels of head_dim {site.head_dim} at {o.label_bits}-bit labels is "
                     "not storable; need 1 <= r <= head_dim and r * label_bits a multiple of 8 (set r or group_factor)"
                 )
-            layer_channels = self.channels[site.layer] if site.layer < len(self.channels) else None
+            layer_channels = channels[site.layer] if site.layer < len(channels) else None
             if layer_channels is None or tuple(layer_channels.shape) != (site.n_heads, site.head_dim):
                 raise CalibrationError(
                     f"the doublesparse calibration does not describe layer {site.layer} "
@@ -105,7 +102,7 @@ class DoubleSparsity(Pass):
         if rw.phase == "prefill":
             if self.sparse(rw.site):
                 args = (s["labels"], s.get("label_range"), s["k_store"], s["start"], s["cap"])
-                rw.call(self.name, kv_op("label_fill_"), (*args, self._channels(rw.site), self.options.label_bits))
+                rw.call(self.name, kv_op("label_fill_"), (*args, self._channels(rw), self.options.label_bits))
             marker = rw.match.cache.marker
             for user in list(marker.users):  # prefill attention stays the model's own, over the prompt
                 user.replace_all_uses_with(rw.k if user.args[1] == 0 else rw.v)
@@ -113,10 +110,10 @@ class DoubleSparsity(Pass):
         old = rw.match.attention.output
         if self.sparse(rw.site):
             bits = self.options.label_bits
-            channels = self._channels(rw.site)
+            channels = self._channels(rw)
             args = (s["labels"], s.get("label_range"), rw.k, s["start"], s["length"], channels, bits)
             rw.call(self.name, kv_op("label_append_"), args, before=old)
-            budget = self.recipe.budget
+            budget = rw.recipe.budget
             args = (rw.q, s["k_store"], s["v_store"], s["pos"], s["keep"], s["start"], s["length"], s["seen"])
             args = (*args, s["labels"], s.get("label_range"), channels, scale)
             args = (*args, budget.tokens or 0, budget.fraction or 0.0, bits)
@@ -127,6 +124,7 @@ class DoubleSparsity(Pass):
         old.replace_all_uses_with(node)
         rw.graph.erase_node(old)
 
-    def _channels(self, site: AttentionSite) -> list[int]:
+    def _channels(self, rw: SiteRewrite) -> list[int]:
         """The layer's outlier channels [Hq, r], flattened (ops take them as a constant int list)."""
-        return self.channels[site.layer][:, : self.channels_per_head(site.head_dim)].flatten().tolist()
+        site = rw.site
+        return rw.recipe.state(self)[site.layer][:, : self.channels_per_head(site.head_dim)].flatten().tolist()

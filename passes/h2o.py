@@ -1,4 +1,4 @@
-"""`h2o`: Heavy-Hitter Oracle (Zhang et al., 2023), seed-algorithms section 7.1."""
+"""`h2o`: Heavy-Hitter Oracle (Zhang et al., 2023, arXiv 2306.14048)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class H2O(Pass):
     name = "h2o"
     phase = "score"
     provides = frozenset({"scores", "decode_eviction"})
+    products = frozenset({"scores"})
     needs_budget = True
 
     @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""`headkv` / `headkv-r2`: per-head budgets from head-importance scores (HeadKV, Fu et al., ICLR 2025),
-seed-algorithms section 1.
+"""`headkv` / `headkv-r2`: per-head budgets from head-importance scores (HeadKV, Fu et al., ICLR 2025,
+arXiv 2410.19258); docs/headkv.md.
 
 The scores come from `kvsurgery calibrate headkv` (retrieval heads, recipe `headkv`) or `... --criterion
 reasoning` (retrieval-reasoning heads, recipe `headkv-r2`). Tokens are chosen per KV head by SnapKV scores
@@ -19,8 +19,8 @@ import torch
 
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import CalibrationError
-from kvsurgery.headkv_budget import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.pass_base import Pass, PlanState
+from kvsurgery.reference.headkv import head_caps, kv_head_importance, redistribute_overflow
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
 
@@ -46,8 +46,6 @@ class _HeadKVBase(Pass):
             if not self.temp > 0:
                 raise ValueError("temp must be > 0")
 
-    shares: torch.Tensor | None = None  # [L, H_kv] normalised KV-head importance (check_model)
-
     def _how_to_calibrate(self, model) -> str:
         name = getattr(model, "name_or_path", "") or "PATH_OR_PACKAGE"
         flag = "" if self.criterion == "retrieval" else " --criterion reasoning"
@@ -57,7 +55,8 @@ class _HeadKVBase(Pass):
             f"then apply(model, '{self.name}', budget=..., calibration='{out}')"
         )
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, recipe) -> torch.Tensor:
+        """[L, H_kv] normalised KV-head importance from the calibration artefact."""
         path = self.options.calibration
         if path is None:
             raise CalibrationError(
@@ -73,16 +72,17 @@ class _HeadKVBase(Pass):
                 f"'{other}' with it, or {self._how_to_calibrate(model)}"
             )
         scores = torch.tensor(artefact.data["scores"], dtype=torch.float64)  # [L, H] per query head
-        self.shares = kv_head_importance(scores, artefact.model.n_kv_heads, self.options.temp)
+        return kv_head_importance(scores, artefact.model.n_kv_heads, self.options.temp)
 
-    def check(self, sites: list[AttentionSite], budget) -> None:
-        if self.shares is None:
+    def check(self, sites: list[AttentionSite], recipe) -> None:
+        shares = recipe.state(self)
+        if shares is None:
             raise CalibrationError(f"'{self.name}' has no scores: apply it with kvsurgery.apply(..., calibration=...)")
-        n_layers, n_kv = self.shares.shape
-        if n_layers != len(sites) or any(s.n_kv_heads != n_kv for s in sites):
+        n_layers, n_kv = shares.shape
+        if n_layers != len(sites) or any(s.model_kv_heads != n_kv for s in sites):
             raise CalibrationError(
                 f"the calibration has {n_layers} layers x {n_kv} KV heads, the model's attention sites "
-                f"{len(sites)} x {sites[0].n_kv_heads}; recalibrate on this model"
+                f"{len(sites)} x {sites[0].model_kv_heads}; recalibrate on this model"
             )
 
     def plan_layer(self, state: PlanState) -> None:
@@ -99,10 +99,12 @@ class _HeadKVBase(Pass):
         if base > selectable:
             state.keep = [state.prompt_len] * site.n_kv_heads
             return
-        caps = head_caps(self.shares, base, self.options.beta)
+        shares = state.recipe.state(self)
+        caps = head_caps(shares, base, self.options.beta)
         if self.options.redistribute:
-            caps = redistribute_overflow(caps, selectable, self.shares)
-        state.keep = [min(cap, selectable) + always for cap in caps[site.layer]]
+            caps = redistribute_overflow(caps, selectable, shares)
+        heads = site.kv_heads  # the caps are the whole model's; under tensor parallelism this process's share
+        state.keep = [min(cap, selectable) + always for cap in caps[site.layer][heads.start : heads.stop]]
 
 
 @register_pass

@@ -1,12 +1,13 @@
-"""`kivi2` / `kivi4`: KIVI 2- and 4-bit KV cache quantization (Liu et al., 2024), seed-algorithms section 7.5."""
+"""`kivi2` / `kivi4`: KIVI 2- and 4-bit KV cache quantization (Liu et al., 2024, arXiv 2402.02750); docs/quant.md."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quant_pass import QuantPass
-from kvsurgery.quantization import QuantSpec
+from kvsurgery.passes.quant import QuantPass
+
+from kvsurgery.reference.quant_codes import QuantSpec
+from kvsurgery.reference.quant_layout import QuantLayout
 from kvsurgery.registry import register_pass
 
 

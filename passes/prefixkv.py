@@ -1,5 +1,5 @@
-"""`prefixkv`: layer-wise budgets from an offline global prefix configuration (PrefixKV, Wang et al.),
-seed-algorithms section 5.
+"""`prefixkv`: layer-wise budgets from an offline global prefix configuration (PrefixKV, Wang et al.,
+arXiv 2412.03409); docs/prefixkv.md.
 
 The budget is the retained fraction of the prompt (the paper's unit; the reference code's `--ratio` is the evicted
 fraction 1 - budget). Per-layer eviction ratios for that budget come from `kvsurgery calibrate prefixkv`. At prefill
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsurgery import prefixkv_ops  # noqa: F401  (registers torch.ops.kvsurgery.prefixkv_*)
 from kvsurgery.budget import Budget
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import BudgetError, CalibrationError
 from kvsurgery.pass_base import OLDEST_FIRST, Eviction, Pass, PlanState, Selection, SiteRewrite, kv_op
-from kvsurgery.prefixkv_budget import decode_room, prefix_keep
+from kvsurgery.reference.prefixkv_budget import decode_room, prefix_keep
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
 
@@ -29,6 +28,7 @@ class PrefixKV(Pass):
     name = "prefixkv"
     phase = "score"
     provides = frozenset({"scores", "budget", "decode_eviction", "decode_append"})
+    products = frozenset({"scores"})
     needs_budget = True
 
     @dataclass(frozen=True)
@@ -41,8 +41,6 @@ class PrefixKV(Pass):
             if self.sinks < 1:
                 raise ValueError("sinks must be >= 1 (the first token anchors each row's token count)")
 
-    ratios: list[float] | None = None  # per-layer evicted fraction for the recipe's budget (check_model)
-
     def selection(self) -> Selection:
         return Selection(sinks=self.options.sinks, window=1)  # sinks and the last prompt token
 
@@ -50,7 +48,8 @@ class PrefixKV(Pass):
         # Marks layers as evicting while decoding; the anchor rule itself is prefixkv_append_ (inserted below).
         return Eviction(sinks=self.options.sinks, window=1)
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, recipe) -> list[float]:
+        """The per-layer evicted fractions calibrated for the recipe's budget."""
         path = self.options.calibration
         if path is None:
             name = getattr(model, "name_or_path", "") or "PATH_OR_PACKAGE"
@@ -67,7 +66,7 @@ class PrefixKV(Pass):
                 f"prefixkv(sinks={sinks}) or recalibrate with --sinks {self.options.sinks}"
             )
         table = {float(b): [float(r) for r in rows] for b, rows in artefact.data["ratios"].items()}
-        self.ratios = self._ratios_for(table, self.recipe.budget)
+        return self._ratios_for(table, recipe.budget)
 
     @staticmethod
     def _ratios_for(table: dict[float, list[float]], budget: Budget | None) -> list[float]:
@@ -84,16 +83,17 @@ class PrefixKV(Pass):
             )
         return table[match[0]]
 
-    def check(self, sites: list[AttentionSite], budget: Budget | None) -> None:
-        if self.ratios is None:
+    def check(self, sites: list[AttentionSite], recipe) -> None:
+        ratios = recipe.state(self)
+        if ratios is None:
             raise CalibrationError("'prefixkv' has no ratios: apply it with kvsurgery.apply(..., calibration=...)")
-        if len(self.ratios) != len(sites):
+        if len(ratios) != len(sites):
             raise CalibrationError(
-                f"the calibration has ratios for {len(self.ratios)} layers, the model {len(sites)}; recalibrate"
+                f"the calibration has ratios for {len(ratios)} layers, the model {len(sites)}; recalibrate"
             )
 
     def plan_layer(self, state: PlanState) -> None:
-        site, ratio = state.site, self.ratios[state.site.layer]
+        site, ratio = state.site, state.recipe.state(self)[state.site.layer]
         keep = prefix_keep(state.prompt_len, ratio, self.options.sinks + 1)
         state.keep = [keep] * site.n_kv_heads
         state.room = 0 if site.sliding_window else decode_room(state.max_new_tokens, ratio)
@@ -107,5 +107,5 @@ class PrefixKV(Pass):
             policy = (ev.sinks, ev.window, True, ev.by_score, ev.score_new)
             rw.call(self.name, kv_op("append_"), (*rw.store_args(), rw.k, rw.v, *policy))
         else:
-            ratio = self.ratios[rw.site.layer]
+            ratio = rw.recipe.state(self)[rw.site.layer]
             rw.call(self.name, kv_op("prefixkv_append_"), (*rw.store_args(), rw.k, rw.v, ratio, self.options.distance))

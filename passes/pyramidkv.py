@@ -1,4 +1,4 @@
-"""`pyramidkv`: PyramidKV per-layer budgets (Cai et al., 2024), seed-algorithms section 7.3."""
+"""`pyramidkv`: PyramidKV per-layer budgets (Cai et al., 2024, arXiv 2406.02069)."""
 
 from __future__ import annotations
 

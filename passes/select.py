@@ -23,7 +23,7 @@ class Select(Pass):
 
     def plan_layer(self, state: PlanState) -> None:
         site = state.site
-        state.eviction = layer_eviction(self.recipe, site)
+        state.eviction = layer_eviction(state.recipe, site)
         if site.sliding_window:
             window = site.sliding_window
             state.keep = [min(k if state.budget is not None else window, window) for k in state.keep]
@@ -33,10 +33,10 @@ class Select(Pass):
 
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
-            sel = self.recipe.selection
+            sel = rw.recipe.selection
             args = (*rw.store_args(), rw.k, rw.v, rw.products.get("scores"), rw.products.get("budgets"), rw.mask)
             rw.call(self.name, kv_op("select_compact_"), (*args, sel.sinks, sel.window))
-        elif not any("decode_append" in p.provides for p in self.recipe.passes):  # else that pass appends
-            ev = layer_eviction(self.recipe, rw.site)
+        elif "decode_append" not in rw.recipe.provided:  # else the pass providing it appends
+            ev = layer_eviction(rw.recipe, rw.site)
             policy = (ev.sinks, ev.window, True, ev.by_score, ev.score_new) if ev else (0, 0, False, False, "position")
             rw.call(self.name, kv_op("append_"), (*rw.store_args(), rw.k, rw.v, *policy))

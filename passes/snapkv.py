@@ -1,4 +1,4 @@
-"""`snapkv`: SnapKV token scores (Li et al., 2024), seed-algorithms section 7.2."""
+"""`snapkv`: SnapKV token scores (Li et al., 2024, arXiv 2404.14469)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class SnapKV(Pass):
     name = "snapkv"
     phase = "score"
     provides = frozenset({"scores"})
+    products = frozenset({"scores"})
     needs_budget = True
 
     @dataclass(frozen=True)

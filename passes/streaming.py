@@ -1,4 +1,4 @@
-"""`streaming`: StreamingLLM (Xiao et al., 2024), seed-algorithms section 7.4."""
+"""`streaming`: StreamingLLM (Xiao et al., 2024, arXiv 2309.17453)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class StreamingLLM(Pass):
     name = "streaming"
     phase = "score"
     provides = frozenset({"scores", "decode_eviction"})
+    products = frozenset({"scores"})
     needs_budget = True
 
     @dataclass(frozen=True)

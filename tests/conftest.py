@@ -25,6 +25,16 @@ settings.register_profile("dev", max_examples=60, deadline=None, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+REAL_MODEL_TIMEOUT_S = 900  # the first real-model test converts the packaged weights and may run a whole eval
+
+
+def pytest_collection_modifyitems(items):
+    """Real-model tests get a longer per-test limit than the default `timeout` in pyproject.toml."""
+    for item in items:
+        if item.get_closest_marker("real_model") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(REAL_MODEL_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (one shared instance; restored after each use by the tests that apply to it)."""

@@ -56,7 +56,7 @@ def test_attention_rows_for_each_quantization_layout_count_the_bytes_their_store
     import torch
 
     from kvsurgery.bench_attention import QUANT_RECIPES, attention_group, quantized_store, recipe_layout, split_recipes
-    from kvsurgery.kernels.quantized_attention import bytes_read
+    from kvsurgery.kernels.quant_attention import bytes_read
 
     calls = []
 

@@ -37,7 +37,10 @@ class ModelIdentity:
         text = model.config.get_text_config(decoder=True)
         n_heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
-        weights = model.get_input_embeddings().weight[:64].detach().float().cpu().contiguous()
+        weights = model.get_input_embeddings().weight.detach()
+        if hasattr(weights, "full_tensor"):  # a DTensor, sharded by tensor parallelism: the whole table (collective)
+            weights = weights.full_tensor()
+        weights = weights[:64].float().cpu().contiguous()
         return cls(
             model_class=type(model).__name__,
             n_layers=text.num_hidden_layers,

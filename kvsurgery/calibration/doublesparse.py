@@ -3,9 +3,9 @@
     kvsurgery calibrate doublesparse --model smollm2-135m --out channels.json
 
 The statistic is accumulated over every calibration block; the reference script kept only the last block's value
-(seed-algorithms section 2.6, gotcha 1), so orderings it shipped reflect one 512-token block. The post-RoPE q and k
-are read from the model's own graph: one Dynamo capture of a forward pass, whose attention computations are found
-the way `apply` finds them, then interpreted block by block.
+(docs/doublesparse.md, "Deviations from the reference code"), so orderings it shipped reflect one 512-token
+block. The post-RoPE q and k are read from the model's own graph: one Dynamo capture of a forward pass, whose
+attention computations are found the way `apply` finds them, then interpreted block by block.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
 from kvsurgery.calibration.corpus import calibration_blocks
 from kvsurgery.errors import CalibrationError
 from kvsurgery.fx_utils import example, module_path, own_code_copy, trace_source
-from kvsurgery.sites import _layer_index, find_attention
+from kvsurgery.sites import find_attention, layer_index
 
 METHOD = "doublesparse"
 STATISTIC = "qk"
@@ -79,7 +79,7 @@ def _attention_inputs(gm: fx.GraphModule, model: torch.nn.Module, n_layers: int)
     wanted: dict[fx.Node, tuple[int, str]] = {}
     layers = []
     for match in find_attention(gm.graph):
-        layer = _layer_index(module_path(match.output), model, None)
+        layer = layer_index(module_path(match.output), model, None)
         q, k = example(match.q), example(trace_source(match.k))
         if q is None or k is None or k.dim() != 4 or k.shape[-1] != q.shape[-1] or q.shape[1] % k.shape[1]:
             raise CalibrationError(f"cannot read post-RoPE queries and keys of layer {layer}'s attention")

@@ -1,4 +1,4 @@
-"""HeadKV head-importance scores by needle-in-a-haystack probing (seed-algorithms section 1.1).
+"""HeadKV head-importance scores by needle-in-a-haystack probing (arXiv 2410.19258; docs/headkv.md, "Calibration").
 
     kvsurgery calibrate headkv --model smollm2-135m --out headkv.json                  # HeadKV-R (retrieval)
     kvsurgery calibrate headkv --model smollm2-135m --out headkv-r2.json --criterion reasoning   # HeadKV-R2
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
 from kvsurgery.calibration.attention_probe import eager_attention, record_attention
 from kvsurgery.calibration.haystack import Case, CaseBuilder, reasoning_needle, retrieval_needle
+from kvsurgery.compat import cache_keyword, output_cache
 from kvsurgery.errors import CalibrationError
 
 METHOD = "headkv"
@@ -184,11 +185,12 @@ def probe(model, tokenizer, case: Case, criterion: str, max_new: int, n_layers: 
         rows[layer] = probs[0, :, -1]  # [H, t]: the last query row
 
     out = model(ids[:, :-1], use_cache=True)  # the prefill is not scored
-    cache, token, generated = out.past_key_values, ids[:, -1:], []
+    cache, token, generated = output_cache(out), ids[:, -1:], []
+    keyword = cache_keyword(model)
     with record_attention(model, sink):
         for _ in range(max_new):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(token, use_cache=True, **{keyword: cache})
+            cache = output_cache(out)
             nxt = int(out.logits[0, -1].argmax())
             for layer, probs in rows.items():
                 if criterion == "retrieval":

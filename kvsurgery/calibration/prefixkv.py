@@ -1,4 +1,4 @@
-"""PrefixKV per-layer retention ratios by binary search of a global prefix configuration (seed-algorithms 5.1-5.3).
+"""PrefixKV per-layer retention ratios by binary search of a global prefix configuration (docs/prefixkv.md).
 
     kvsurgery calibrate prefixkv --model smollm2-135m --out prefixkv.json            # budgets 0.1 ... 0.9
 

@@ -99,7 +99,7 @@ def run_recipe(
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=kvsurgery.new_cache(model, room),
+                cache=kvsurgery.new_cache(model, room),
                 max_new_tokens=sample.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

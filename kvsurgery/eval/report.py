@@ -13,10 +13,6 @@ from kvsurgery.eval.harness import Record
 MIB = 2.0**20
 
 
-def _run_name(recipe: str, budget: float | None) -> str:
-    return recipe if budget is None else f"{recipe}@{budget:g}"
-
-
 def summarize(records: list[Record]) -> list[dict]:
     """One row per (recipe, budget): accuracy per task/length cell and overall, bytes, kept fraction, n."""
     runs: dict[tuple, list[Record]] = defaultdict(list)

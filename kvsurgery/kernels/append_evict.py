@@ -4,7 +4,7 @@ One program per (row, KV head) scans its own segment (bounded by its run-time `c
 nothing syncs with the host and one CUDA graph serves every step. The victim is the reference's: the lowest
 slot score (or the oldest token) among tokens that are neither one of the `sinks` earliest nor among the
 `window` most recent, falling back to non-sinks, then to any token; ties go to the first slot.
-Matches `kvsurgery.reference.append_`.
+Matches `kvsurgery.reference.core.append_`.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def append(
     score_new: str,
     block: int = 256,
 ) -> None:
-    """Append k/v [B, Hkv, 1, D] to the store in place (see `kvsurgery.reference.append_`), then count the token.
+    """Append k/v [B, Hkv, 1, D] to the store in place (see `kvsurgery.reference.core.append_`), then count the token.
 
     A full segment without `evict` is left untouched (the reference would overflow into the next segment; the
     store's `check_room` refuses that step before it runs).

@@ -1,6 +1,6 @@
 """`append_quantized_` without host syncs or data-dependent shapes, the CUDA implementation (CUDA graphs capture it).
 
-The reference (`kvsurgery.quant_reference.append_quantized_`) flushes only the heads whose KIVI residual is full,
+The reference (`kvsurgery.reference.quant.append_quantized_`) flushes only the heads whose KIVI residual is full,
 selected with boolean masks, and checks capacities on the host. Here every head takes part with fixed shapes:
 heads that do not flush write nothing (`put_where`), capacity checks are device-side assertions, and the new token
 goes through `kvsurgery::append_` (its Triton kernel on CUDA). The resulting store is bit-identical to the
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quant_reference import _grid
-from kvsurgery.quantization import QuantSpec, pack, quantize_tokens
+from kvsurgery.reference.quant import slot_grid
+from kvsurgery.reference.quant_codes import QuantSpec, pack, quantize_tokens
+from kvsurgery.reference.quant_layout import QuantLayout
 
 
 def put_where(t: Tensor, rows: Tensor, cols: Tensor, values: Tensor, valid: Tensor) -> None:
@@ -45,7 +45,7 @@ def write_packed_where(
     their statistics."""
     b, n_kv, width, _ = x.shape
     codes, scale, low = quantize_tokens(x, valid, spec, scale_p.dtype)
-    slots, rows = _grid(offset, width)
+    slots, rows = slot_grid(offset, width)
     slots = slots.clamp(max=codes_p.shape[1] - 1)
     put_where(codes_p, rows, slots, pack(codes, spec.bits), valid)
     if spec.axis == "token":
@@ -54,7 +54,7 @@ def write_packed_where(
     else:
         g = spec.group
         used = valid.reshape(b, n_kv, width // g, g).any(-1)
-        group_rows, g_rows = _grid(offset // g, width // g)
+        group_rows, g_rows = slot_grid(offset // g, width // g)
         group_rows = group_rows.clamp(max=scale_p.shape[1] - 1)
         put_where(scale_p, g_rows, group_rows, scale, used)
         put_where(low_p, g_rows, group_rows, low, used)
@@ -84,7 +84,7 @@ def flush_residual_without_sync(
     torch._assert_async(
         ~(full & (q_len + g > q_cap)).any(), "a quantized store's packed region is full; its plan undercounted"
     )
-    slots, rows = _grid(start, r)
+    slots, rows = slot_grid(start, r)
     slots = slots.clamp(max=k_store.shape[1] - 1)
     oldest = full[..., None].expand(*full.shape, g)
     offset = q_start + q_len

@@ -5,7 +5,7 @@ once for all G query heads of its group (GQA) and writes a partial softmax (norm
 Stage 2 merges the splits of every query head. The optional stage 3 (H2O bookkeeping) re-reads the keys and
 adds each slot's final attention, averaged over the group, to `slot_score`. Softmax runs in float32 (base 2).
 Split sizes derive from the per-head `length` inside the kernel, so the launch depends on static shapes only
-(no host sync; CUDA-graph safe). Matches `kvsurgery.reference.attend` / `attend_accumulate_`.
+(no host sync; CUDA-graph safe). Matches `kvsurgery.reference.core.attend` / `attend_accumulate_`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _keys_in_block(pos_ptr, row_pos, slot, n_ok, seen, window):
+def keys_in_block(pos_ptr, row_pos, slot, n_ok, seen, window):
     """Which slots of a block attend: inside the filled part, non-empty, and within the sliding window."""
     p = tl.load(pos_ptr + row_pos + slot, mask=n_ok, other=-1)
     ok = n_ok & (p >= 0)
@@ -31,14 +31,14 @@ def _keys_in_block(pos_ptr, row_pos, slot, n_ok, seen, window):
 
 
 @triton.jit
-def _load_rows(row_ptr, slot, stride_s, n_ok, d, d_ok):
+def load_rows(row_ptr, slot, stride_s, n_ok, d, d_ok):
     """One block of stored vectors [BLOCK_N, D_PAD] (zeros past the piece or the head dim)."""
     offsets = slot[:, None].to(tl.int64) * stride_s + d[None, :]
     return tl.load(row_ptr + offsets, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, d, d_ok, UPCAST):
+def load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PAD: tl.constexpr, d, d_ok, UPCAST):
     g = tl.arange(0, G_PAD)
     q = tl.load(
         q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
@@ -51,7 +51,7 @@ def _load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G: tl.constexpr, G_PA
 
 
 @triton.jit
-def _segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """[first slot of the segment, lo, hi): this split's piece of the filled part, in whole blocks."""
     seg_start = tl.load(start_ptr + b * stride_tb + h)
     seg_len = tl.load(length_ptr + b * stride_tb + h)
@@ -97,10 +97,10 @@ def _split_kernel(
     b = (bh // n_kv).to(tl.int64)  # 64-bit row offsets: B * S * D can pass 2**31
     h = bh % n_kv
     seen = tl.load(seen_ptr)
-    seg_start, lo, hi = _segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
+    seg_start, lo, hi = segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    g, q = _load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, UPCAST)
+    g, q = load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, UPCAST)
 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     den = tl.zeros([G_PAD], tl.float32)
@@ -109,9 +109,9 @@ def _split_kernel(
         n = off + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         slot = seg_start + n
-        ok = _keys_in_block(pos_ptr, b * stride_pb, slot, n_ok, seen, window)
-        k = _load_rows(k_ptr + b * stride_kb, slot, stride_ks, n_ok, d, d_ok)
-        v = _load_rows(v_ptr + b * stride_vb, slot, stride_vs, n_ok, d, d_ok)
+        ok = keys_in_block(pos_ptr, b * stride_pb, slot, n_ok, seen, window)
+        k = load_rows(k_ptr + b * stride_kb, slot, stride_ks, n_ok, d, d_ok)
+        v = load_rows(v_ptr + b * stride_vb, slot, stride_vs, n_ok, d, d_ok)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -205,18 +205,18 @@ def _accumulate_kernel(
     b = (bh // n_kv).to(tl.int64)  # 64-bit row offsets: B * S * D can pass 2**31
     h = bh % n_kv
     seen = tl.load(seen_ptr)
-    seg_start, lo, hi = _segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
+    seg_start, lo, hi = segment_piece(start_ptr, length_ptr, b, h, stride_tb, split, N_SPLITS, BLOCK_N)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    g, q = _load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, UPCAST)
+    g, q = load_group_queries(q_ptr, b, h, stride_qb, stride_qh, G, G_PAD, d, d_ok, UPCAST)
     g_ok = g < G
     lse = tl.load(lse_ptr + b * (n_kv * G) + h * G + g, mask=g_ok, other=0.0)
     for off in range(lo, hi, BLOCK_N):
         n = off + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         slot = seg_start + n
-        ok = _keys_in_block(pos_ptr, b * stride_pb, slot, n_ok, seen, window)
-        k = _load_rows(k_ptr + b * stride_kb, slot, stride_ks, n_ok, d, d_ok)
+        ok = keys_in_block(pos_ptr, b * stride_pb, slot, n_ok, seen, window)
+        k = load_rows(k_ptr + b * stride_kb, slot, stride_ks, n_ok, d, d_ok)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -237,7 +237,7 @@ def _empty_like(t: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
-def _pow2(n: int, least: int) -> int:
+def pow2(n: int, least: int) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
@@ -254,9 +254,9 @@ def merge_splits(o_part: Tensor, lse_part: Tensor, out: Tensor, lse: Tensor, spl
         out.stride(1),
         out.stride(3),
         D=d,
-        D_PAD=_pow2(d, 16),
+        D_PAD=pow2(d, 16),
         N_SPLITS=splits,
-        SPLITS_PAD=_pow2(splits, 2),
+        SPLITS_PAD=pow2(splits, 2),
     )
 
 
@@ -305,14 +305,14 @@ def decode_attention(
         q = q.contiguous()
     group = hq // n_kv
     splits = n_splits or default_splits(b, n_kv, k_store.shape[1], block_n, q.device)
-    d_pad = _pow2(d, 16)
+    d_pad = pow2(d, 16)
     upcast = _INTERPRET or q.dtype == torch.float32
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 stays exact on GPUs (no TF32)
     o_part = _empty((b * hq * splits * d,), torch.float32, q.device)
     lse_part = _empty((b * hq * splits,), torch.float32, q.device)
     lse = _empty((b * hq,), torch.float32, q.device)
     qk_scale = scale * LOG2E
-    common = dict(G=group, G_PAD=_pow2(group, 16), D=d, D_PAD=d_pad, N_SPLITS=splits, BLOCK_N=block_n)
+    common = dict(G=group, G_PAD=pow2(group, 16), D=d, D_PAD=d_pad, N_SPLITS=splits, BLOCK_N=block_n)
     _split_kernel[(b * n_kv, splits)](
         q,
         k_store,

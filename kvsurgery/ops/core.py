@@ -1,0 +1,114 @@
+"""The core ops: the `kv_update` marker, token scores and budgets, and the store's select, append and attention.
+
+Their CPU implementation is the PyTorch reference (`kvsurgery.reference.core`); the decode ops and SnapKV's window
+scores also have Triton kernels on CUDA (`kvsurgery.kernels`). Mutating ops write the store in place and return
+nothing, so Inductor re-inplaces them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvsurgery.errors import SurgeryNotAppliedError
+from kvsurgery.ops.schema import OpDef, like_q, token_scores
+from kvsurgery.reference import core as reference
+from kvsurgery.store import CORE_TENSORS
+
+SCORE_PARAMS = ("Tensor q", "Tensor k", "Tensor? mask", "float scale")  # what every prefill scoring op reads
+DENSE = ("k_store", "v_store", "pos", "start", "length", "seen")  # what decode attention reads of the store
+
+
+def not_rewritten(layer_idx: int, **_) -> None:
+    """Running the `kv_update` marker means the surgery pipeline did not replace it: refuse, never fall back."""
+    raise SurgeryNotAppliedError(
+        f"attention layer {layer_idx} ran without the kvsurgery rewrite (the forward was not captured by Dynamo; "
+        "is TORCHDYNAMO_DISABLE set, or was the model called through its class instead of the instance?). "
+        "kvsurgery never falls back to uncompressed attention: call the model returned by kvsurgery.apply()."
+    )
+
+
+def new_kv(k: Tensor, v: Tensor, **_) -> tuple[Tensor, Tensor]:
+    return k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def snapshot(t: Tensor) -> Tensor:
+    """A copy of `t` as it is now: an opaque op the compiler cannot move past a later mutation (read_order)."""
+    return t.clone()
+
+
+def like_t(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
+def head_budgets(scores: Tensor, **_) -> Tensor:
+    return scores.new_empty(scores.shape[:2], dtype=torch.int32)
+
+
+OPS = (
+    # Emitted by `KVStore.update`; carries the layer's store tensors and their comma-separated names, so passes
+    # can wire them into the ops they insert.
+    OpDef(
+        "kv_update",
+        ("Tensor k", "Tensor v", "Tensor[] store", "str names", "int layer_idx", "bool prefill"),
+        not_rewritten,
+        new_kv,
+        returns="(Tensor, Tensor)",
+    ),
+    OpDef(
+        "score_window",
+        (*SCORE_PARAMS, "int window", "int kernel", "str pool"),
+        reference.window_scores,
+        token_scores,
+        "Tensor",
+    ),
+    OpDef("score_accumulated", SCORE_PARAMS, reference.accumulated_scores, token_scores, "Tensor"),
+    OpDef("score_recency", ("Tensor k",), reference.recency_scores, token_scores, "Tensor"),
+    OpDef(
+        "budget_adakv",
+        ("Tensor scores", "Tensor? mask", "Tensor keep", "int sinks", "int window", "float floor", "bool normalize"),
+        reference.adakv_budgets,
+        head_budgets,
+        "Tensor",
+    ),
+    OpDef(
+        "select_compact_",
+        (
+            *CORE_TENSORS,
+            "Tensor k",
+            "Tensor v",
+            "Tensor? scores",
+            "Tensor? budgets",
+            "Tensor? mask",
+            "int sinks",
+            "int window",
+        ),
+        reference.select_compact_,
+        writes=CORE_TENSORS,
+    ),
+    OpDef(
+        "append_",
+        (
+            *CORE_TENSORS,
+            "Tensor k",
+            "Tensor v",
+            "int sinks",
+            "int window",
+            "bool evict",
+            "bool by_score",
+            "str score_new",
+        ),
+        reference.append_,
+        writes=CORE_TENSORS,
+    ),
+    OpDef("attend", ("Tensor q", *DENSE, "float scale", "int window"), reference.attend, like_q, "Tensor"),
+    OpDef(
+        "attend_accumulate_",
+        ("Tensor q", *DENSE[:3], "slot_score", *DENSE[3:], "float scale", "int window"),
+        reference.attend_accumulate_,
+        like_q,
+        "Tensor",
+        writes=("slot_score",),
+    ),
+    OpDef("snapshot", ("Tensor t",), snapshot, like_t, "Tensor"),
+)

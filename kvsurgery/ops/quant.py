@@ -1,0 +1,51 @@
+"""Ops of the quantized store (`torch.ops.kvsurgery.*_quantized*`), backed by `kvsurgery.reference.quant`.
+
+They take the core store tensors (the dense, full-precision region), then the packed region's (`QUANT_TENSORS`);
+the layout travels as `QuantLayout.text()`.
+"""
+
+from __future__ import annotations
+
+from kvsurgery.ops.schema import OpDef, like_q
+from kvsurgery.reference import quant as quant_reference
+from kvsurgery.store import CORE_TENSORS, QUANT_TENSORS
+
+STORE = (*CORE_TENSORS, *QUANT_TENSORS)
+# what decode attention reads: the dense region's k/v/pos and tables, the packed planes and their starts/lengths
+READ = ("k_store", "v_store", "pos", "start", "length", "seen", *QUANT_TENSORS[:7], "q_len")
+
+OPS = (
+    # Prefill: keep what the unquantized store keeps; pack the layout's share, the rest stays full precision.
+    OpDef(
+        "select_quantized_",
+        (
+            *STORE,
+            "Tensor k",
+            "Tensor v",
+            "Tensor? scores",
+            "Tensor? budgets",
+            "Tensor? mask",
+            "Tensor? quantize_first",
+            "int sinks",
+            "int window",
+            "str layout",
+        ),
+        quant_reference.select_quantized_,
+        writes=STORE,
+    ),
+    # Decode: flush full KIVI residuals into the packed region, then append the new token in full precision.
+    OpDef(
+        "append_quantized_",
+        (*STORE, "Tensor k", "Tensor v", "str layout"),
+        quant_reference.append_quantized_,
+        writes=STORE,
+    ),
+    # Decode attention over the packed (dequantized, logit-squeezed) and full-precision tokens -> [B, Hq, 1, D].
+    OpDef(
+        "attend_quantized",
+        ("Tensor q", *READ, "float scale", "str layout", "float squeeze"),
+        quant_reference.attend_quantized,
+        like_q,
+        "Tensor",
+    ),
+)

@@ -1,0 +1,369 @@
+"""PyTorch reference of every kvsurgery op: the specification kernels and passes are tested against.
+
+Layouts (one model layer):
+  q            [B, Hq, Tq, D]      queries, after RoPE
+  k, v         [B, Hkv, T, D]      new keys/values, after RoPE, not repeated to query heads
+  mask         [B, 1, Tq, Tk]      the model's own attention mask (bool, or additive float), or None = causal
+  store k/v    [B, S, D]           S slots per batch row; each KV head owns one contiguous segment
+  pos          [B, S] int32        token index of each slot, -1 when empty
+  slot_score   [B, S] float32      per-slot eviction score (empty tensor when the recipe needs none)
+  keep         [B, Hkv] int32      tokens each (row, KV head) keeps at prefill (its budget)
+  cap          [B, Hkv] int32      segment capacity: keep + room for decoded tokens
+  start        [B, Hkv] int32      first slot of each segment
+  length       [B, Hkv] int32      filled slots of each segment
+  seen         [] int64            tokens written so far (prompt, padding included, plus decoded)
+Token indices count positions in the (left-padded) input, as the model's masks do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (tests), everything else computes in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def allowed_keys(mask: Tensor | None, row_start: int, row_stop: int, n_keys: int, batch: int) -> Tensor:
+    """Which keys each query row may attend to, as bool [B, rows, Tk], from the model's mask (None = causal)."""
+    if mask is None:
+        q_idx = torch.arange(row_start, row_stop)[:, None]
+        allowed = torch.arange(n_keys)[None, :] <= q_idx
+        return allowed.expand(batch, -1, -1)
+    rows = mask[:, 0, row_start:row_stop, :n_keys]
+    if rows.dtype != torch.bool:
+        rows = rows > torch.finfo(rows.dtype).min / 2
+    return rows.expand(batch, -1, -1)
+
+
+def valid_keys(mask: Tensor | None, n_keys: int, batch: int) -> Tensor:
+    """Keys the last prompt query may see: excludes padding (and tokens outside a sliding window). [B, T]."""
+    return allowed_keys(mask, n_keys - 1, n_keys, n_keys, batch)[:, 0]
+
+
+def group_queries(q: Tensor, n_kv: int) -> Tensor:
+    """[B, Hq, Tq, D] -> [B, Hkv, G, Tq, D]: query heads grouped by the KV head they read (GQA)."""
+    b, hq, tq, d = q.shape
+    return q.reshape(b, n_kv, hq // n_kv, tq, d)
+
+
+def pool1d(scores: Tensor, kernel: int, pool: str) -> Tensor:
+    """Smooth scores along the token axis (SnapKV clustering): stride 1, same length."""
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pool == "max":
+        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    elif pool == "avg":
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
+    return out[..., : shape[-1]].reshape(shape)
+
+
+def window_scores(
+    q: Tensor, k: Tensor, mask: Tensor | None, scale: float, window: int, kernel: int, pool: str
+) -> Tensor:
+    """SnapKV scores [B, Hkv, T]: attention of the last `window` queries, averaged over them and the GQA group.
+
+    The prefix (tokens before the window) is pooled with `kernel`; window tokens keep their raw score
+    (they are always kept anyway).
+    """
+    b, _, t, _ = q.shape
+    n_kv = k.shape[1]
+    w = min(window, t)
+    dt = acc_dtype(q)
+    qw = group_queries(q[:, :, t - w :], n_kv).to(dt)
+    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, k.to(dt)) * scale
+    allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
+    logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return pool_prefix(probs.mean(dim=(2, 3)).float(), w, kernel, pool)
+
+
+def pool_prefix(scores: Tensor, window: int, kernel: int, pool: str) -> Tensor:
+    """SnapKV: pool the scores [..., T] of the tokens before the last `window`; window tokens keep theirs."""
+    t = scores.shape[-1]
+    prefix = pool1d(scores[..., : t - window], kernel, pool)
+    return torch.cat([prefix, scores[..., t - window :]], dim=-1)
+
+
+def accumulated_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, chunk: int = 256) -> Tensor:
+    """H2O scores [B, Hkv, T]: attention each key receives summed over all prompt queries (mean over GQA group)."""
+    b, _, t, _ = q.shape
+    n_kv = k.shape[1]
+    dt = acc_dtype(q)
+    total = torch.zeros(b, n_kv, t, dtype=dt, device=q.device)
+    kk = k.to(dt)
+    for r0 in range(0, t, chunk):
+        r1 = min(t, r0 + chunk)
+        qc = group_queries(q[:, :, r0:r1], n_kv).to(dt)
+        logits = torch.einsum("bhgrd,bhtd->bhgrt", qc, kk) * scale
+        allowed = allowed_keys(mask, r0, r1, t, b).to(q.device)
+        logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        total += probs.sum(dim=3).mean(dim=2)
+    return total.float()
+
+
+def recency_scores(k: Tensor) -> Tensor:
+    """StreamingLLM scores [B, Hkv, T]: the token index, so top-k keeps the most recent tokens."""
+    b, n_kv, t, _ = k.shape
+    return torch.arange(t, dtype=torch.float32, device=k.device).expand(b, n_kv, t).contiguous()
+
+
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores along the last axis; ties go to the earliest token (a stable sort), so
+    the choice does not depend on padding or kernel order (max-pooled scores tie often)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def forced_keep(valid: Tensor, sinks: int, window: int) -> Tensor:
+    """Tokens always kept [B, T]: the first `sinks` and the last `window` valid tokens of each row."""
+    rank = valid.long().cumsum(-1) - 1
+    n_valid = valid.sum(-1, keepdim=True)
+    return valid & ((rank < sinks) | (rank >= n_valid - window))
+
+
+def largest_remainder(target: Tensor, total: Tensor) -> Tensor:
+    """Round non-negative reals [B, H] to ints that sum exactly to `total` [B] (largest-remainder method)."""
+    base = target.floor()
+    deficit = (total - base.sum(-1)).round().long()
+    order = torch.argsort(target - base, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (base + (rank < deficit[:, None]).to(base.dtype)).long()
+
+
+def adakv_budgets(
+    scores: Tensor, mask: Tensor | None, keep: Tensor, sinks: int, window: int, floor: float, normalize: bool
+) -> Tensor:
+    """Ada-KV per-head budgets [B, Hkv] (int32, each including sinks + window); each row keeps its planned total.
+
+    Per row, the planned `keep` fixes the layer's total; its selectable part b = budget - sinks - window per
+    head is shared across the layer's KV heads: a global top (Hkv * b) over all heads decides each head's
+    share, then a floor of `floor * b` is mixed in.
+    """
+    valid = valid_keys(mask, scores.shape[-1], scores.shape[0]).to(scores.device)
+    rows = [_adakv_row(scores[b], valid[b], keep[b], sinks, window, floor, normalize) for b in range(scores.shape[0])]
+    return torch.stack(rows).to(torch.int32)
+
+
+def _adakv_row(scores, valid, keep, sinks, window, floor, normalize) -> Tensor:
+    n_kv, t = scores.shape
+    budget = int(keep.sum()) // n_kv
+    selectable = budget - sinks - window
+    if selectable <= 0 or budget >= int(valid.sum()):
+        return keep.clone()  # nothing to share: every head already keeps all it can
+    candidate = valid & ~forced_keep(valid[None], sinks, window)[0]
+    s = scores.float().masked_fill(~candidate, NEG_INF)
+    if normalize:
+        finite = s.masked_fill(~candidate, 0.0)
+        top = finite.topk(min(selectable, t), dim=-1).values.sum(-1)
+        s = s * (top / finite.sum(-1).clamp_min(1e-12))[:, None]
+    picked = top_indices(s.reshape(-1), n_kv * selectable) // t
+    counts = torch.bincount(picked, minlength=n_kv).float()
+    mixed = floor * selectable + (1.0 - floor) * counts
+    total = torch.tensor([float(n_kv * selectable)], device=scores.device)
+    return largest_remainder(mixed[None], total)[0] + sinks + window
+
+
+def segment_slots(start: Tensor, width: int, n_slots: int) -> tuple[Tensor, Tensor]:
+    """Slot index [B, Hkv, width] of each segment position (clamped in range) and the batch index for gathers."""
+    j = torch.arange(width, device=start.device)
+    slots = (start.long()[..., None] + j).clamp(max=n_slots - 1)
+    rows = torch.arange(start.shape[0], device=start.device)[:, None, None].expand_as(slots)
+    return slots, rows
+
+
+def select_compact_(
+    k_store: Tensor,
+    v_store: Tensor,
+    pos: Tensor,
+    slot_score: Tensor,
+    keep: Tensor,
+    cap: Tensor,
+    start: Tensor,
+    length: Tensor,
+    seen: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scores: Tensor | None,
+    budgets: Tensor | None,
+    mask: Tensor | None,
+    sinks: int,
+    window: int,
+) -> None:
+    """Prefill: keep sinks + recent window + top-scored tokens of each (row, KV head) and compact them into its segment.
+
+    `budgets` [B, Hkv] re-plans the segments with per-head budgets decided at run time (Ada-KV), keeping each
+    segment's decode room (cap - keep); otherwise the planned `keep` is used. Kept tokens are stored in position
+    order; a segment's unused slots get pos = -1.
+    """
+    b, n_kv, t, _ = k.shape
+    n_slots = k_store.shape[1]
+    if budgets is not None:
+        seg = budgets.to(cap.dtype) + (cap - keep)
+        keep.copy_(budgets)
+        cap.copy_(seg)
+        start.copy_(seg.cumsum(-1) - seg)
+    budget = keep.long()
+    valid = valid_keys(mask, t, b).to(k.device)
+    forced = forced_keep(valid, sinks, window)
+    prio = scores.float() if scores is not None else recency_scores(k)
+    prio = prio.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], NEG_INF)
+    width = int(min(t, budget.max().item())) if budget.numel() else 0
+    count = torch.minimum(budget, valid.sum(-1, keepdim=True)).clamp_min(0)
+    idx = top_indices(prio, width)
+    j = torch.arange(width, device=k.device)
+    taken = j < count[..., None]
+    idx = torch.where(taken, idx, t).sort(dim=-1).values
+    slots, rows = segment_slots(start, width, n_slots)
+    heads = torch.arange(n_kv, device=k.device)[None, :, None].expand_as(slots)
+    bi, hi, si, ti = rows[taken], heads[taken], slots[taken], idx[taken]
+    pos.fill_(-1)
+    pos[bi, si] = ti.to(pos.dtype)
+    k_store[bi, si] = k[bi, hi, ti]
+    v_store[bi, si] = v[bi, hi, ti]
+    if slot_score.numel():
+        slot_score.zero_()
+        kept_score = scores[bi, hi, ti] if scores is not None else ti.float()
+        slot_score[bi, si] = kept_score.float()
+    length.copy_(count.to(length.dtype))
+    seen.fill_(t)
+
+
+def _segment_view(pos: Tensor, start: Tensor, cap: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    max_cap = int(cap.max()) if cap.numel() else 0
+    slots, rows = segment_slots(start, max_cap, pos.shape[1])
+    in_seg = torch.arange(max_cap, device=pos.device) < cap.long()[..., None]
+    p = torch.where(in_seg, pos[rows, slots].long(), -1)
+    return slots, rows, p
+
+
+def append_(
+    k_store: Tensor,
+    v_store: Tensor,
+    pos: Tensor,
+    slot_score: Tensor,
+    keep: Tensor,
+    cap: Tensor,
+    start: Tensor,
+    length: Tensor,
+    seen: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sinks: int,
+    window: int,
+    evict: bool,
+    by_score: bool,
+    score_new: str,
+) -> None:
+    """Decode: write one new token per (row, KV head) into its segment, evicting one token when it is full.
+
+    The victim is the lowest `slot_score` (`by_score`) or else the oldest token, among tokens that are neither
+    one of the `sinks` earliest nor among the `window` most recent. Without `evict` the caller guarantees room.
+    The new token's slot score is its index (`score_new="position"`) or 0 (`"zero"`, accumulated later).
+    """
+    slots, rows, p = _segment_view(pos, start, cap)
+    filled = p >= 0
+    new_slot = start.long() + length.long()
+    full = length >= cap
+    if evict:
+        score = slot_score[rows, slots] if by_score else p.float()
+        big = torch.iinfo(torch.int64).max
+        n_sink = max(1, min(sinks, slots.shape[-1]))
+        sink_cut = torch.where(filled, p, big).topk(n_sink, dim=-1, largest=False).values[..., -1:]
+        is_sink = filled & (p <= sink_cut) if sinks > 0 else torch.zeros_like(filled)
+        recent = p >= seen - window
+        cand = filled & ~is_sink & ~recent
+        cand = torch.where(cand.any(-1, keepdim=True), cand, filled & ~is_sink)
+        cand = torch.where(cand.any(-1, keepdim=True), cand, filled)
+        victim = torch.where(cand, score, float("inf")).argmin(dim=-1)
+        new_slot = torch.where(full, slots.gather(-1, victim[..., None])[..., 0], new_slot)
+    b_idx = rows[..., 0]
+    k_store[b_idx, new_slot] = k[:, :, 0]
+    v_store[b_idx, new_slot] = v[:, :, 0]
+    pos[b_idx, new_slot] = seen.to(pos.dtype)
+    if slot_score.numel():
+        slot_score[b_idx, new_slot] = seen.float() if score_new == "position" else 0.0
+    length.copy_(torch.where(full, length, length + 1))
+    seen.add_(1)
+
+
+def gather_segments(
+    k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor, seen: Tensor, window: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    max_len = int(length.max()) if length.numel() else 0
+    slots, rows = segment_slots(start, max_len, k_store.shape[1])
+    p = pos[rows, slots].long()
+    ok = (torch.arange(max_len, device=pos.device) < length.long()[..., None]) & (p >= 0)
+    if window > 0:
+        ok = ok & (p > seen - 1 - window)
+    return k_store[rows, slots], v_store[rows, slots], ok, slots, rows
+
+
+def attend(
+    q: Tensor,
+    k_store: Tensor,
+    v_store: Tensor,
+    pos: Tensor,
+    start: Tensor,
+    length: Tensor,
+    seen: Tensor,
+    scale: float,
+    window: int,
+) -> Tensor:
+    """Decode attention of one query token per head over the compressed store -> [B, Hq, 1, D].
+
+    `seen` counts the current token (append ran first); `window` > 0 restricts keys to the sliding window.
+    """
+    return _attend(q, k_store, v_store, pos, start, length, seen, scale, window)[0]
+
+
+def _attend(q, k_store, v_store, pos, start, length, seen, scale, window):
+    b, hq, _, d = q.shape
+    n_kv = start.shape[1]
+    dt = acc_dtype(q)
+    keys, values, ok, slots, rows = gather_segments(k_store, v_store, pos, start, length, seen, window)
+    qg = group_queries(q, n_kv)[:, :, :, 0].to(dt)
+    logits = torch.einsum("bhgd,bhld->bhgl", qg, keys.to(dt)) * scale
+    probs = torch.softmax(logits.masked_fill(~ok[:, :, None], NEG_INF), dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgl,bhld->bhgd", probs, values.to(dt))
+    return out.reshape(b, hq, 1, d).to(q.dtype), probs, ok, slots, rows
+
+
+def attend_accumulate_(
+    q: Tensor,
+    k_store: Tensor,
+    v_store: Tensor,
+    pos: Tensor,
+    slot_score: Tensor,
+    start: Tensor,
+    length: Tensor,
+    seen: Tensor,
+    scale: float,
+    window: int,
+) -> Tensor:
+    """`attend`, and add each slot's attention (mean over its GQA group) to `slot_score` (H2O bookkeeping)."""
+    out, probs, ok, slots, rows = _attend(q, k_store, v_store, pos, start, length, seen, scale, window)
+    gain = probs.mean(dim=2).float().masked_fill(~ok, 0.0)
+    slot_score.index_put_((rows[ok], slots[ok]), gain[ok], accumulate=True)
+    return out
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """Plain masked attention (test oracle): q [B,Hq,Tq,D], k/v [B,Hkv,T,D], allowed [B,Hkv|1,Tq,T] bool."""
+    n_kv = k.shape[1]
+    dt = acc_dtype(q)
+    qg = group_queries(q, n_kv).to(dt)
+    logits = torch.einsum("bhgqd,bhtd->bhgqt", qg, k.to(dt)) * scale
+    probs = torch.softmax(logits.masked_fill(~allowed[:, :, None], NEG_INF), dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgqt,bhtd->bhgqd", probs, v.to(dt))
+    return out.reshape(q.shape).to(q.dtype)
