@@ -9,6 +9,7 @@ first cycle on. KVSURGERY_SOAK_CYCLES=30 runs the issue's 30 eager cycles (compi
 """
 
 import copy
+import gc
 import os
 import sys
 import weakref
@@ -113,5 +114,6 @@ def test_discover_retains_nothing(base):
     assert discover(model).sites
     ref = weakref.ref(model)
     del model
+    gc.collect()
     assert ref() is None, "the discovery capture keeps the model alive"
     assert _dynamo_tables() == tables
