@@ -4,7 +4,7 @@ After `restore(model)` no store, surgery or Dynamo cache entry of that applicati
 of an applied model the model itself is freed; the user's own compiled code is untouched (no global reset).
 Every application compiles anew (a private code object per model): three Dynamo traces (discovery, prefill,
 decode), about 1.8 CPU-seconds a cycle even for this one-layer model, and Inductor adds seconds more. So the
-default suite runs 10 eager and 2 compiled cycles per loop (after the warm-up); the weakrefs catch a leak from the
+default suite runs 6 eager and 2 compiled cycles per loop (after the warm-up); the weakrefs catch a leak from the
 first cycle on. KVSURGERY_SOAK_CYCLES=30 runs the issue's 30 eager cycles (compiled: a tenth of that).
 """
 
@@ -24,11 +24,11 @@ import kvsurgery
 from kvsurgery.capture import discover
 from kvsurgery.testing import resident_mib, tiny_model
 
-_EAGER = int(os.environ.get("KVSURGERY_SOAK_CYCLES", "10"))
+_EAGER = int(os.environ.get("KVSURGERY_SOAK_CYCLES", "6"))
 CYCLES = {False: _EAGER, True: max(2, _EAGER // 10)}  # per compile setting
 PROMPT = torch.randint(3, 16000, (1, 40), generator=torch.Generator().manual_seed(0))
 # RSS may grow this much over all cycles (allocator and compile-cache warm-up); one leaked copy of the model is
-# 8 MiB plus its compile state, so 10 leaked cycles exceed it twice. Measured with nothing retained: up to 40 MiB
+# 8 MiB plus its compile state, so 6 leaked copies exceed it. Measured with nothing retained: up to 40 MiB
 # over 12 cycles (the process's allocator, not Python objects: every weakref below is dead)
 RSS_ALLOWANCE_MIB = 48
 WARM_UP = {False: 2, True: 1}  # cycles before the RSS baseline: the allocator keeps the first freed copies' pages
