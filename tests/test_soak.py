@@ -117,3 +117,16 @@ def test_discover_retains_nothing(base):
     gc.collect()
     assert ref() is None, "the discovery capture keeps the model alive"
     assert _dynamo_tables() == tables
+
+
+def test_doublesparse_calibration_retains_nothing(base):
+    from kvsurgery.calibration.doublesparse import qk_statistic
+
+    model = copy.deepcopy(base)
+    tables = _dynamo_tables()
+    assert qk_statistic(model, PROMPT[:, :16], progress=False).abs().sum() > 0
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "the calibration's compiled step keeps the model alive"
+    assert _dynamo_tables() == tables

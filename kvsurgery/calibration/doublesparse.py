@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
 from kvsurgery.calibration.corpus import calibration_blocks
 from kvsurgery.errors import CalibrationError
-from kvsurgery.fx_utils import example, module_path, own_code_copy, trace_source
+from kvsurgery.fx_utils import example, module_path, trace_source
+from kvsurgery.private_compile import PrivateCompile
 from kvsurgery.sites import find_attention, layer_index
 
 METHOD = "doublesparse"
@@ -110,13 +111,16 @@ def qk_statistic(model: torch.nn.Module, blocks: torch.Tensor, progress: bool = 
         runner["recorder"] = _Recorder(gm, wanted, sums)
         return lambda *args: runner["recorder"].run(*args)
 
-    step = torch.compile(own_code_copy(_forward, f"kvsurgery_calibrate_{id(model):x}"), backend=backend, fullgraph=True)
     device = model.get_input_embeddings().weight.device
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     for layer in range(n_layers):
         sums[layer] = torch.zeros(heads, head_dim, dtype=torch.float64, device=device)
-    with torch.no_grad():
+    # released on exit: nothing compiled for the calibration keeps the model alive afterwards
+    with (
+        torch.no_grad(),
+        PrivateCompile(_forward, f"kvsurgery_calibrate_{id(model):x}", backend, fullgraph=True) as step,
+    ):
         for block in tqdm(blocks, desc="doublesparse calibration", unit="block", disable=not progress):
             step(model, block[None].to(device))
     return torch.stack([sums[layer] for layer in range(n_layers)]).cpu() / blocks.numel()
