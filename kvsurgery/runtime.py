@@ -11,6 +11,7 @@ from torch import fx
 from transformers.cache_utils import Cache
 
 from kvsurgery.compat import cache_keyword, pop_cache
+from kvsurgery.dynamic_shapes import mark_prompt_dynamic, mark_store_dynamic
 from kvsurgery.errors import KVSurgeryError
 from kvsurgery.fx_utils import own_code_copy
 from kvsurgery.manager import GraphReport, Recipe
@@ -105,6 +106,8 @@ class Surgery:
         if not store.prefilled:
             store.allocate(batch, new_tokens, _row_lengths(call.get("attention_mask"), batch, new_tokens))
             self.last_store = store
+            mark_prompt_dynamic(call)
+            mark_store_dynamic(store)
         else:
             store.check_room(new_tokens)
         call[self.cache_keyword] = store
