@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
@@ -451,16 +452,18 @@ def run(args: argparse.Namespace) -> int:
     for context in contexts:
         for batch in batches:
             ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=gen).to(device)
-            group = []
-            if not args.no_hf:
-                kinds = [HF_DEFAULT, HF_STATIC] + ([HF_STATIC_COMPILED] if compile and device.type == "cpu" else [])
-                group += [hf_row(model, ids, args, device, floor, bandwidth, kind) for kind in kinds]
-            for recipe in filter(None, (r.strip() for r in args.recipes.split(","))):
-                group.append(surgery_row(model, ids, recipe, args, device, floor, bandwidth, compile))
-            group.append(kvpress_row(args, context, batch, dtype, bandwidth, weights))
-            _ratios(group)
-            for r in group:
-                print(table([r]).splitlines()[-1], flush=True)
+            kinds = [] if args.no_hf else [HF_DEFAULT, HF_STATIC]
+            kinds += [HF_STATIC_COMPILED] if kinds and compile and device.type == "cpu" else []
+            recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+            jobs = [partial(hf_row, model, ids, args, device, floor, bandwidth, kind) for kind in kinds]
+            jobs += [partial(surgery_row, model, ids, r, args, device, floor, bandwidth, compile) for r in recipes]
+            jobs.append(partial(kvpress_row, args, context, batch, dtype, bandwidth, weights))
+            group: list[Row] = []
+            for job in jobs:  # each row printed and saved as soon as measured (a long run keeps what it got)
+                group.append(job())
+                _ratios(group)
+                print(table(group[-1:]).splitlines()[-1], flush=True)
+                _write(args.out, meta, [asdict(r) for r in rows + group], quiet=True)
             rows += group
     print(table(rows))
     _write(args.out, meta, [asdict(r) for r in rows])
@@ -489,6 +492,7 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
-def _write(path: str, meta: dict, rows: list[dict]) -> None:
+def _write(path: str, meta: dict, rows: list[dict], quiet: bool = False) -> None:
     pathlib.Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")

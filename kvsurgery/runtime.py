@@ -11,6 +11,7 @@ from torch import fx
 from transformers.cache_utils import Cache
 
 from kvsurgery.compat import cache_keyword, pop_cache
+from kvsurgery.cpu_lowering import lower_decode_ops
 from kvsurgery.dynamic_shapes import mark_prompt_dynamic, mark_store_dynamic
 from kvsurgery.errors import KVSurgeryError
 from kvsurgery.fx_utils import own_code_copy
@@ -72,6 +73,9 @@ class Surgery:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
+        on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        if report.phase == "decode" and on_cpu and lower_decode_ops(gm.graph):  # Inductor fuses them (see module)
+            gm.recompile()
         if snapshot_early_reads(gm.graph):
             gm.recompile()
         cudagraphs = report.phase == "decode" and torch.cuda.is_available()
