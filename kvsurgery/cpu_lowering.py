@@ -120,7 +120,9 @@ def append_(k_store, v_store, pos, slot_score, keep, cap, start, length, seen, k
 def _shifts(like, bits: int, device: torch.device):
     """The bit offset of each code in a byte, low bits first (`quantization.pack`), as a graph node."""
     kwargs = {"dtype": torch.uint8, "device": device}
-    return like.tracer.create_proxy("call_function", torch.arange, (0, 8, bits), kwargs)
+    if isinstance(like, fx.Proxy):
+        return like.tracer.create_proxy("call_function", torch.arange, (0, 8, bits), kwargs)
+    return torch.arange(0, 8, bits, **kwargs)
 
 
 def _dequantized(codes, scale, low, spec: QuantSpec, b: int, d: int, dt: torch.dtype, device: torch.device):
