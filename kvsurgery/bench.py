@@ -1,11 +1,14 @@
-"""`kvsurgery bench`: decode speed and memory of recipes on a model shape, against HF's full cache in the same run.
+"""`kvsurgery bench`: decode speed and memory of recipes on a model, against HF's full cache in the same run.
 
-For every context x batch it times `generate()` (random weights, random prompt, greedy, a fixed number of new
-tokens, after one warm-up call that compiles) for HF's full static cache (with generate's automatic compile on
-CUDA), for each recipe through kvsurgery (compile=True on CUDA), and for kvpress SnapKV when a separate
-environment with kvpress is given. It reports prefill s, decode ms/token, tokens/s, peak GiB, cache GiB, the
-bandwidth floor (bytes a decode step must read: weights + cache, over the measured device copy bandwidth) and
-the speed-up over HF; prints a table and writes JSON. `--attention` benchmarks the decode-attention kernel alone.
+The model is a named shape with random weights (`--shape`) or a real loadable model (`--model smollm2-135m`, any
+name or folder `kvsurgery.models.load_model` takes). For every context x batch it times `generate()` (random
+prompt, greedy, a fixed number of new tokens, after one warm-up call that compiles) for HF's full cache: the
+default DynamicCache (eager) and the static cache (eager; compiled by generate itself on CUDA, and as an extra row
+on CPU with --compile), for each recipe through kvsurgery, and for kvpress SnapKV when a separate environment with
+kvpress is given. It reports prefill s, decode ms/token (the median step), tokens/s, peak GiB, cache GiB, the MB a
+decode step reads (weights + cache, see `weight_bytes_per_step`), the bandwidth floor (those bytes over the
+measured device copy bandwidth) and the speed-up over HF's default and static caches; prints a table and writes
+JSON. `--attention` benchmarks the decode-attention kernel alone.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
@@ -55,6 +61,11 @@ SHAPES = {
 DEFAULT_RECIPES = "full,snapkv,headkv,kivi2,headkv+quant1bit"
 
 
+HF_DEFAULT = "full (dynamic cache)"
+HF_STATIC = "full (static cache)"
+HF_STATIC_COMPILED = "full (static cache, compiled)"
+
+
 @dataclass
 class Row:
     engine: str  # "hf", "kvsurgery" or "kvpress"
@@ -68,9 +79,11 @@ class Row:
     tokens_per_s: float | None = None
     peak_gib: float | None = None
     cache_gib: float | None = None
+    step_mb: float | None = None  # bytes a decode step reads: weights + the cache it holds, in 1e6 bytes
     floor_ms: float | None = None
     of_floor: float | None = None  # floor_ms / decode_ms: 1.0 would be at the bandwidth floor
-    vs_hf: float | None = None  # HF full-cache decode ms / this decode ms, same context and batch
+    vs_hf_default: float | None = None  # HF DynamicCache decode ms / this decode ms, same context and batch
+    vs_hf_static: float | None = None  # the fastest HF static-cache row's decode ms / this decode ms
 
 
 def _tokens(text: str) -> list[int]:
@@ -84,6 +97,12 @@ def _tokens(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES), help="model shape (random weights)")
+    parser.add_argument("--model", default=None, help="a real model instead of --shape: packaged name or local folder")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed generate() calls per row (median step of all)")
+    parser.add_argument(
+        "--calibration", default=None, help="artefact for recipes that need one (default: synthetic, speed only)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU unless given")
     parser.add_argument("--contexts", default="16K,64K", help="prompt lengths, comma separated (K = 1024)")
@@ -141,8 +160,8 @@ class _StepClock:
         return scores
 
 
-def timed_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, float, object]:
-    """(prefill seconds, decode ms per step, generate output) of one greedy generate call."""
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, list[float], object]:
+    """(prefill seconds, decode ms of every step, generate output) of one greedy generate call."""
     from transformers import LogitsProcessorList
 
     clock = _StepClock(ids.device)
@@ -160,8 +179,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple
             **kwargs,
         )
     steps = clock.stamps
-    decode_ms = (steps[-1] - steps[0]) / (len(steps) - 1) * 1e3 if len(steps) > 1 else float("nan")
-    return steps[0] - start, decode_ms, out
+    return steps[0] - start, [(b - a) * 1e3 for a, b in itertools.pairwise(steps)], out
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
@@ -174,6 +192,17 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int
         model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     model.set_attn_implementation("sdpa")
     model.generation_config.pad_token_id = 0
+    return model
+
+
+def real_model(name: str, device: torch.device, dtype: torch.dtype):
+    """A real model loaded by `kvsurgery.models.load_model` (never downloads), on `device`."""
+    from kvsurgery.models import load_model
+
+    model, _ = load_model(name, dtype=dtype)
+    model = model.to(device)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
     return model
 
 
@@ -190,19 +219,24 @@ def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def _measure(row: Row, run_once, device: torch.device, floor_bytes_of, bandwidth: float) -> None:
-    """Warm up (compiles), then time one call; fill the row's numbers."""
+def _measure(row: Row, run_once, device: torch.device, floor_bytes_of, bandwidth: float, repeats: int = 1) -> None:
+    """Warm up (compiles), then time `repeats` calls; fill the row's numbers (decode: the median step of all)."""
     run_once()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prefill_s, decode_ms, cache_bytes = run_once()
-    row.prefill_s, row.decode_ms = prefill_s, decode_ms
-    row.tokens_per_s = row.batch * 1e3 / decode_ms
+    prefills, steps = [], []
+    for _ in range(repeats):
+        prefill_s, step_ms, cache_bytes = run_once()
+        prefills.append(prefill_s)
+        steps += step_ms
+    row.prefill_s, row.decode_ms = statistics.median(prefills), statistics.median(steps) if steps else float("nan")
+    row.tokens_per_s = row.batch * 1e3 / row.decode_ms
     row.cache_gib = cache_bytes / GIB
     if device.type == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
+    row.step_mb = floor_bytes_of(cache_bytes) / 1e6
     row.floor_ms = floor_bytes_of(cache_bytes) / bandwidth * 1e3
-    row.of_floor = row.floor_ms / decode_ms
+    row.of_floor = row.floor_ms / row.decode_ms
 
 
 def _release(device: torch.device) -> None:
@@ -267,14 +301,23 @@ def speed_calibration(model, recipe: str, folder: pathlib.Path, seed: int) -> di
     return {"calibration": str(path)}
 
 
-def hf_row(model, ids, args, device, floor, bandwidth) -> Row:
-    row = Row("hf", "full (static cache)", ids.shape[1], ids.shape[0])
+def hf_row(model, ids, args, device, floor, bandwidth, kind: str) -> Row:
+    """HF generate with its full cache: `HF_DEFAULT` (DynamicCache, eager), `HF_STATIC` (static cache; generate
+    compiles it on CUDA) or `HF_STATIC_COMPILED` (static cache, generate's compile forced on a CPU)."""
+    from transformers import CompileConfig
+
+    row = Row("hf", kind, ids.shape[1], ids.shape[0])
+    options = {} if kind == HF_DEFAULT else {"cache_implementation": "static"}
+    if kind == HF_STATIC_COMPILED:
+        config = CompileConfig(fullgraph=True, mode="default")
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+        options["compile_config"] = config
 
     def once():
-        prefill, decode, out = timed_generate(model, ids, args.new_tokens, cache_implementation="static")
-        return prefill, decode, _cache_bytes(output_cache(out))
+        prefill, steps, out = timed_generate(model, ids, args.new_tokens, **options)
+        return prefill, steps, _cache_bytes(output_cache(out))
 
-    return _guarded(row, device, lambda: _measure(row, once, device, floor, bandwidth))
+    return _guarded(row, device, lambda: _measure(row, once, device, floor, bandwidth, args.repeats))
 
 
 def surgery_row(model, ids, recipe: str, args, device, floor, bandwidth, compile: bool) -> Row:
@@ -289,6 +332,8 @@ def surgery_row(model, ids, recipe: str, args, device, floor, bandwidth, compile
     def body():
         with tempfile.TemporaryDirectory() as folder:
             options = speed_calibration(model, recipe, pathlib.Path(folder), args.seed)
+            if options and args.calibration:
+                options = {"calibration": args.calibration}
             kvsurgery.apply(model, recipe, _budget_for(recipe, args.budget), compile=compile, **options)
         try:
 
@@ -296,7 +341,7 @@ def surgery_row(model, ids, recipe: str, args, device, floor, bandwidth, compile
                 prefill, decode, _ = timed_generate(model, ids, args.new_tokens)
                 return prefill, decode, model._kvsurgery.last_store.nbytes
 
-            _measure(row, once, device, floor, bandwidth)
+            _measure(row, once, device, floor, bandwidth, args.repeats)
         finally:
             kvsurgery.restore(model)
 
@@ -323,6 +368,7 @@ def kvpress_row(args, context: int, batch: int, dtype: torch.dtype, bandwidth: f
     row.prefill_s, row.decode_ms, row.peak_gib = result["prefill_s"], result["decode_ms"], result["peak_gib"]
     row.cache_gib = result["cache_bytes"] / GIB
     row.tokens_per_s = batch * 1e3 / row.decode_ms
+    row.step_mb = (weights + result["cache_bytes"]) / 1e6
     row.floor_ms = (weights + result["cache_bytes"]) / bandwidth * 1e3
     row.of_floor = row.floor_ms / row.decode_ms
     return row
@@ -336,8 +382,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("engine", "recipe", "ctx", "B", "prefill s", "ms/tok", "tok/s", "peak GiB", "cache GiB", "floor ms",
-            "of floor", "vs HF")  # fmt: skip
+    head = ("engine", "recipe", "ctx", "B", "prefill s", "ms/tok", "tok/s", "peak GiB", "cache GiB", "step MB",
+            "floor ms", "of floor", "vs HF default", "vs HF static")  # fmt: skip
     lines = [head]
     for r in rows:
         if r.status != "ok":
@@ -345,8 +391,8 @@ def table(rows: list[Row]) -> str:
             continue
         lines.append((r.engine, r.recipe, str(r.context), str(r.batch), _fmt(r.prefill_s, ".2f"),
                       _fmt(r.decode_ms, ".2f"), _fmt(r.tokens_per_s, ".1f"), _fmt(r.peak_gib, ".2f"),
-                      _fmt(r.cache_gib, ".4f"), _fmt(r.floor_ms, ".3f"), _fmt(r.of_floor, ".2f"),
-                      _fmt(r.vs_hf, ".2f")))  # fmt: skip
+                      _fmt(r.cache_gib, ".4f"), _fmt(r.step_mb, ".1f"), _fmt(r.floor_ms, ".3f"),
+                      _fmt(r.of_floor, ".2f"), _fmt(r.vs_hf_default, ".2f"), _fmt(r.vs_hf_static, ".2f")))  # fmt: skip
     widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) == len(head)) for i in range(len(head))]
     out = []
     for line in lines:
@@ -363,14 +409,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     contexts, batches = _tokens(args.contexts), _tokens(args.batch)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bandwidth = copy_bandwidth(device)
     meta = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__, shape=args.shape, dtype=str(dtype), budget=args.budget,
-        new_tokens=args.new_tokens, copy_bandwidth_gbps=bandwidth / 1e9, command=" ".join(sys.argv),
+        torch=torch.__version__, transformers=_version("transformers"), model=args.model or f"shape {args.shape}",
+        dtype=str(dtype), budget=args.budget, new_tokens=args.new_tokens, repeats=args.repeats,
+        threads=torch.get_num_threads(), cpu_count=_cpu_count(), copy_bandwidth_gbps=bandwidth / 1e9,
+        command=" ".join(sys.argv),
     )  # fmt: skip
-    print(f"kvsurgery bench: {meta['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, shape {args.shape} {dtype}")
+    print(f"kvsurgery bench: {meta['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, {meta['model']} {dtype}")
     if args.attention:
         quant = split_recipes(args.quant)
         results = attention_rows(SHAPES[args.shape], contexts, batches, device, dtype, bandwidth, quant)
@@ -380,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
         _write(args.out, meta, results)
         return 0
     compile = device.type == "cuda" if args.compile is None else args.compile
-    model = random_model(args.shape, device, dtype, args.seed)
+    model = real_model(args.model, device, dtype) if args.model else random_model(args.shape, device, dtype, args.seed)
     weights = weight_bytes_per_step(model)
     meta["weight_bytes_per_step"] = weights
 
@@ -392,23 +442,47 @@ def run(args: argparse.Namespace) -> int:
     for context in contexts:
         for batch in batches:
             ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=gen).to(device)
-            group = []
-            if not args.no_hf:
-                group.append(hf_row(model, ids, args, device, floor, bandwidth))
-            for recipe in filter(None, (r.strip() for r in args.recipes.split(","))):
-                group.append(surgery_row(model, ids, recipe, args, device, floor, bandwidth, compile))
-            group.append(kvpress_row(args, context, batch, dtype, bandwidth, weights))
-            hf = next((r for r in group if r.engine == "hf" and r.status == "ok"), None)
-            for r in group:
-                if hf is not None and r.decode_ms:
-                    r.vs_hf = hf.decode_ms / r.decode_ms
-                print(table([r]).splitlines()[-1], flush=True)
+            kinds = [] if args.no_hf else [HF_DEFAULT, HF_STATIC]
+            kinds += [HF_STATIC_COMPILED] if kinds and compile and device.type == "cpu" else []
+            recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+            jobs = [partial(hf_row, model, ids, args, device, floor, bandwidth, kind) for kind in kinds]
+            jobs += [partial(surgery_row, model, ids, r, args, device, floor, bandwidth, compile) for r in recipes]
+            jobs.append(partial(kvpress_row, args, context, batch, dtype, bandwidth, weights))
+            group: list[Row] = []
+            for job in jobs:  # each row printed and saved as soon as measured (a long run keeps what it got)
+                group.append(job())
+                _ratios(group)
+                print(table(group[-1:]).splitlines()[-1], flush=True)
+                _write(args.out, meta, [asdict(r) for r in rows + group], quiet=True)
             rows += group
     print(table(rows))
     _write(args.out, meta, [asdict(r) for r in rows])
     return 0
 
 
-def _write(path: str, meta: dict, rows: list[dict]) -> None:
+def _ratios(group: list[Row]) -> None:
+    """Fill each row's speed-up over HF's default cache and over its fastest static-cache row."""
+    hf = {r.recipe: r.decode_ms for r in group if r.engine == "hf" and r.status == "ok"}
+    static = min((hf[k] for k in (HF_STATIC, HF_STATIC_COMPILED) if k in hf), default=None)
+    for r in group:
+        if r.decode_ms:
+            r.vs_hf_default = hf[HF_DEFAULT] / r.decode_ms if HF_DEFAULT in hf else None
+            r.vs_hf_static = static / r.decode_ms if static is not None else None
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def _write(path: str, meta: dict, rows: list[dict], quiet: bool = False) -> None:
     pathlib.Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")

@@ -12,6 +12,8 @@ from torch import fx
 from transformers.cache_utils import Cache
 
 from kvsurgery.compat import cache_keyword, pop_cache
+from kvsurgery.cpu_lowering import lower_decode_ops
+from kvsurgery.dynamic_shapes import mark_prompt_dynamic, mark_store_dynamic
 from kvsurgery.errors import KVSurgeryError
 from kvsurgery.manager import GraphReport, Recipe
 from kvsurgery.private_compile import PrivateCompile
@@ -75,6 +77,9 @@ class Surgery:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
+        on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        if report.phase == "decode" and on_cpu and lower_decode_ops(gm.graph):  # Inductor fuses them (see module)
+            gm.recompile()
         if snapshot_early_reads(gm.graph):
             gm.recompile()
         cudagraphs = report.phase == "decode" and torch.cuda.is_available()
@@ -109,6 +114,8 @@ class Surgery:
         if not store.prefilled:
             store.allocate(batch, new_tokens, _row_lengths(call.get("attention_mask"), batch, new_tokens))
             self.last_store = store
+            mark_prompt_dynamic(call)
+            mark_store_dynamic(store)
         else:
             store.check_room(new_tokens)
         call[self.cache_keyword] = store

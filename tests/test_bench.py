@@ -17,6 +17,7 @@ def test_bench_smoke_run_on_cpu(tmp_path, capsys):
     assert data["meta"]["copy_bandwidth_gbps"] > 0 and data["meta"]["weight_bytes_per_step"] > 0
     rows = {(r["engine"], r["recipe"]): r for r in data["rows"]}
     measured = [
+        rows[("hf", "full (dynamic cache)")],
         rows[("hf", "full (static cache)")],
         rows[("kvsurgery", "full")],
         rows[("kvsurgery", "snapkv(window=4)")],
@@ -27,8 +28,12 @@ def test_bench_smoke_run_on_cpu(tmp_path, capsys):
         assert row["prefill_s"] > 0 and row["decode_ms"] > 0 and row["cache_gib"] > 0 and row["floor_ms"] > 0
         assert abs(row["tokens_per_s"] - 1e3 / row["decode_ms"]) < 1e-6 * row["tokens_per_s"]
         assert abs(row["of_floor"] - row["floor_ms"] / row["decode_ms"]) < 1e-9
-        assert row["vs_hf"] > 0 and row["peak_gib"] is None  # peak memory is measured on CUDA only
-    assert measured[2]["cache_gib"] < measured[1]["cache_gib"], "snapkv at 25% stores less than full"
+        assert row["vs_hf_default"] > 0 and row["vs_hf_static"] > 0
+        assert row["peak_gib"] is None  # peak memory is measured on CUDA only
+        weights = data["meta"]["weight_bytes_per_step"]
+        assert abs(row["step_mb"] * 1e6 - weights - row["cache_gib"] * 2**30) < 1, "a step reads weights + cache"
+    assert measured[0]["vs_hf_default"] == 1.0
+    assert measured[3]["cache_gib"] < measured[2]["cache_gib"], "snapkv at 25% stores less than full"
     skipped = rows[("kvsurgery", "nosuchpass")]
     assert skipped["status"] == "skipped" and "nosuchpass" in skipped["reason"]
     kvpress = next(r for r in data["rows"] if r["engine"] == "kvpress")

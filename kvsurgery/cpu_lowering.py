@@ -1,0 +1,286 @@
+"""On CPU with compile=True, the decode ops become aten ops inside the captured graph, so Inductor fuses them.
+
+Inductor cannot see into a custom op: on CPU each `kvsurgery::*` decode op runs its reference eagerly, which gathers
+every head's segment of the store into a dense copy before attending (`kvsurgery.reference`). Here, before the
+graph goes to Inductor, each decode op is replaced by an equivalent written over the store as it lies in memory:
+
+- attention multiplies every query head with every slot of the layer's store (one matmul that reads the store
+  once) and masks each head to the filled slots of its own KV head's segment; at decode the extra multiply-adds
+  (x the KV-head count) cost less than gathering a copy of the segments;
+- appends write the new token in place (`index_put_`), choosing an evicted slot with the same rule as the
+  reference, over the same flat slot axis;
+- KIVI's packed codes are dequantized by one fused kernel into a float copy that the two matmuls read (measured on
+  the 2-core box at SmolLM2-135M's 4K shape, per layer: 8.8 ms, against 47 ms when the dequantization was fused
+  into the logit and value reductions themselves, which Inductor's CPU code does not vectorize; reference 16-25 ms).
+
+Shapes stay static apart from the store's slot count (symbolic), so no op needs a size read from the device. The
+eager path keeps running the reference; the tests hold the lowered graph to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, fx
+
+import kvsurgery.quant_ops  # noqa: F401  (registers torch.ops.kvsurgery.*_quantized*)
+from kvsurgery.quant_layout import QuantLayout
+from kvsurgery.quantization import QuantSpec, compute_dtype
+
+NEG_INF = float("-inf")
+
+
+def _value(arg) -> Tensor:
+    """The example (fake) tensor Dynamo recorded for a graph value."""
+    return arg.node.meta["example_value"] if isinstance(arg, fx.Proxy) else arg
+
+
+def _arange(like, n, device: torch.device, stop=None):
+    """torch.arange(n) (or (n, stop)) as a node of the graph `like` (a proxy) is traced into, not a constant."""
+    args = (n,) if stop is None else (n, stop)
+    if isinstance(like, fx.Proxy):
+        return like.tracer.create_proxy("call_function", torch.arange, args, {"device": device})
+    return torch.arange(*args, device=device)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32  # as reference.acc_dtype
+
+
+def segment_slots(start: Tensor, length: Tensor, n_slots, device: torch.device) -> Tensor:
+    """[B, Hkv, S] bool: slot s lies in the first `length` slots of (row, KV head)'s segment."""
+    s = torch.arange(n_slots, device=device)
+    return (s >= start[..., None]) & (s < (start + length)[..., None])
+
+
+def _attend_flat(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor,
+                 seen: Tensor, scale: float, window: int):  # fmt: skip
+    """Decode attention over the whole store, each query head masked to its KV head's segment -> (out [B, Hq, 1, D],
+    probs [B, Hkv, G, S], ok [B, Hkv, S])."""
+    b, hq, _, d = _value(q).shape
+    n_kv = _value(start).shape[1]
+    g = hq // n_kv
+    dt = _acc(_value(q).dtype)
+    ok = segment_slots(start, length, k_store.size(1), _value(q).device) & (pos >= 0)[:, None, :]
+    if window > 0:
+        ok = ok & (pos > seen - 1 - window)[:, None, :]
+    logits = torch.matmul(q.reshape(b, hq, d).to(dt), k_store.to(dt).transpose(1, 2)) * scale
+    allowed = ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
+    probs = torch.softmax(logits.masked_fill(~allowed, NEG_INF), dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, v_store.to(dt))
+    return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, g, -1), ok
+
+
+def attend(q, k_store, v_store, pos, start, length, seen, scale, window):
+    """Lowered `kvsurgery::attend`."""
+    return _attend_flat(q, k_store, v_store, pos, start, length, seen, scale, window)[0]
+
+
+def attend_accumulate_(q, k_store, v_store, pos, slot_score, start, length, seen, scale, window):
+    """Lowered `kvsurgery::attend_accumulate_`: each slot gains its group's mean attention (zero off the group)."""
+    out, probs, ok = _attend_flat(q, k_store, v_store, pos, start, length, seen, scale, window)
+    gain = probs.mean(dim=2).float().masked_fill(~ok, 0.0)  # [B, Hkv, S]; a slot is in one head's segment only
+    slot_score.add_(gain.sum(dim=1))
+    return out
+
+
+def append_(k_store, v_store, pos, slot_score, keep, cap, start, length, seen, k, v, sinks, window, evict,
+            by_score, score_new):  # fmt: skip
+    """Lowered `kvsurgery::append_`: the same slot choice as `reference.append_`, written in place."""
+    b, n_kv = _value(start).shape
+    device = _value(start).device
+    new_slot = start.long() + length.long()
+    full = length >= cap
+    if evict:
+        in_seg = segment_slots(start, cap, k_store.size(1), device)
+        p = torch.where(in_seg, pos[:, None, :].long(), -1)
+        filled = p >= 0
+        score = slot_score[:, None, :] if by_score else p.float()
+        big = torch.iinfo(torch.int64).max
+        if sinks > 0:
+            cut = torch.where(filled, p, big).topk(sinks, dim=-1, largest=False).values[..., -1:]
+            is_sink = filled & (p <= cut)
+        else:
+            is_sink = torch.zeros_like(filled)
+        recent = p >= seen - window
+        cand = filled & ~is_sink & ~recent
+        cand = torch.where(cand.any(-1, keepdim=True), cand, filled & ~is_sink)
+        cand = torch.where(cand.any(-1, keepdim=True), cand, filled)
+        victim = torch.where(cand, score, float("inf")).argmin(dim=-1)
+        new_slot = torch.where(full, victim, new_slot)
+    rows = _arange(start, b, device)[:, None].expand(b, n_kv)
+    k_store.index_put_((rows, new_slot), k[:, :, 0])
+    v_store.index_put_((rows, new_slot), v[:, :, 0])
+    pos.index_put_((rows, new_slot), seen.to(_value(pos).dtype).expand(b, n_kv))
+    if _value(slot_score).numel():
+        new_score = seen.float() if score_new == "position" else torch.zeros_like(seen, dtype=torch.float32)
+        slot_score.index_put_((rows, new_slot), new_score.expand(b, n_kv))
+    length.copy_(torch.where(full, length, length + 1))
+    seen.add_(1)
+
+
+def _shifts(like, bits: int, device: torch.device):
+    """The bit offset of each code in a byte, low bits first (`quantization.pack`), as a graph node."""
+    kwargs = {"dtype": torch.uint8, "device": device}
+    if isinstance(like, fx.Proxy):
+        return like.tracer.create_proxy("call_function", torch.arange, (0, 8, bits), kwargs)
+    return torch.arange(0, 8, bits, **kwargs)
+
+
+def _dequantized(codes, scale, low, spec: QuantSpec, b: int, d: int, dt: torch.dtype, device: torch.device):
+    """x̂ [B, Sq, D] of every packed slot (Inductor computes it in one kernel from the codes and statistics)."""
+    shifts = _shifts(codes, spec.bits, device)
+    x = ((codes[..., None] >> shifts) & ((1 << spec.bits) - 1)).reshape(b, -1, d).to(dt)
+    if spec.axis == "token":  # one (scale, lo) per slot and group of channels
+        g = spec.group
+        x = x.reshape(b, -1, d // g, g) * scale.to(dt)[..., None] + low.to(dt)[..., None]
+        return x.reshape(b, -1, d)
+    row = _arange(codes, 0, device, codes.size(1)) // spec.group  # one per group of slots and channel
+    return x * scale[:, row].to(dt) + low[:, row].to(dt)
+
+
+def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk_scale, qk_low, qv_codes, qv_scale,
+                     qv_low, q_start, q_len, scale, layout, squeeze):  # fmt: skip
+    """Lowered `kvsurgery::attend_quantized`: one softmax over the dequantized packed slots and the dense region, each
+    query head masked to its KV head's segments."""
+    lay = QuantLayout.parse(layout)
+    b, hq, _, d = _value(q).shape
+    n_kv = _value(start).shape[1]
+    g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
+    qf = q.reshape(b, hq, d).to(dt)
+
+    def per_query_head(ok):
+        return ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
+
+    dense_ok = per_query_head(segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :])
+    dense = torch.matmul(qf, k_store.to(dt).transpose(1, 2)) * scale
+    packed_ok = per_query_head(segment_slots(q_start, q_len, qk_codes.size(1), device))
+    k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, b, d, dt, device)
+    packed = torch.matmul(qf, k_hat.transpose(1, 2)) * scale
+    logits = torch.cat([packed.masked_fill(~packed_ok, NEG_INF), dense.masked_fill(~dense_ok, NEG_INF)], dim=-1)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    n_packed = qk_codes.size(1)
+    v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, b, _value(v_store).shape[-1], dt, device)
+    out = torch.matmul(probs[:, :, :n_packed], v_hat)
+    out = out + torch.matmul(probs[:, :, n_packed:], v_store.to(dt))
+    return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
+
+
+def _lowerable_quantized(layout: str, squeeze: float) -> bool:
+    """Layouts whose statistics are per slot or per group of slots (KIVI), without logit squeezing (CalibQuant)."""
+    lay = QuantLayout.parse(layout)
+    return squeeze <= 0 and not any(s.axis == "channel" and s.group == 0 for s in (lay.k, lay.v))
+
+
+def _lowerable_append(layout: str) -> bool:
+    """KIVI layouts with min-max ranges whose channel groups are the flushed group (what `_quantize_flush` does)."""
+    lay = QuantLayout.parse(layout)
+    specs = (lay.k, lay.v)
+    return (
+        _lowerable_quantized(layout, 0.0)
+        and all(s.range == "minmax" or s.alpha == 0 for s in specs)
+        and all(s.axis == "token" or s.group == lay.flush for s in specs)
+    )
+
+
+def _rewrite_rows(plane, first, n: int, values, active, heads: tuple[int, int], device: torch.device) -> None:
+    """plane[b, first[b, h] + j] = values[b, h, j] (j < n) for the `active` (row, head)s; other rows unchanged.
+
+    One pass over the whole plane, so the rows of inactive heads are never touched (no index can collide)."""
+    b, n_kv = heads
+    ndim = _value(plane).ndim
+    rel = _arange(plane, plane.size(1), device) - first.long()[..., None]  # [B, H, R]
+    hit = active[..., None] & (rel >= 0) & (rel < n)
+    head = (hit.long() * _arange(plane, n_kv, device)[None, :, None]).sum(1)
+    j = (hit.long() * rel).sum(1).clamp(0, n - 1)
+    src = values[_arange(plane, b, device)[:, None], head, j]  # [B, R, ...]
+    written = hit.any(1).reshape(b, -1, *([1] * (ndim - 2)))
+    plane.copy_(torch.where(written, src.to(_value(plane).dtype), plane))
+
+
+def _quantize_flush(codes_p, scale_p, low_p, spec: QuantSpec, x, offset, active, shape: tuple, device) -> None:
+    """Quantize the flushed group x [B, H, g, D] (as `quantization.quantize_tokens`, every token valid), pack it
+    and write codes and statistics at packed slot `offset` of the `active` heads (`quant_reference.write_packed`)."""
+    b, n_kv, g, d = shape
+    stat = _value(scale_p).dtype
+    dt = compute_dtype(_value(scale_p))
+    xf = x.to(dt)
+    if spec.axis == "token":
+        groups, dim = xf.reshape(b, n_kv, g, d // spec.group, spec.group), -1
+    else:
+        groups, dim = xf, 2
+    lo = groups.amin(dim=dim, keepdim=True) * spec.shrink
+    hi = groups.amax(dim=dim, keepdim=True) * spec.shrink
+    scale = ((hi - lo) / spec.levels).to(stat)
+    low = lo.to(stat)
+    s, m = scale.to(dt), low.to(dt)
+    code = ((groups - m) / torch.where(s > 0, s, 1.0)).clamp(0, spec.levels).round()
+    code = torch.where(s > 0, code, 0.0).to(torch.uint8).reshape(b, n_kv, g, d // (8 // spec.bits), 8 // spec.bits)
+    packed = (code << _shifts(x, spec.bits, device)).sum(-1, dtype=torch.uint8)
+    _rewrite_rows(codes_p, offset, g, packed, active, (b, n_kv), device)
+    if spec.axis == "token":
+        _rewrite_rows(scale_p, offset, g, scale[..., 0], active, (b, n_kv), device)
+        _rewrite_rows(low_p, offset, g, low[..., 0], active, (b, n_kv), device)
+    else:
+        _rewrite_rows(scale_p, offset // spec.group, 1, scale, active, (b, n_kv), device)
+        _rewrite_rows(low_p, offset // spec.group, 1, low, active, (b, n_kv), device)
+
+
+def append_quantized_(k_store, v_store, pos, slot_score, keep, cap, start, length, seen, qk_codes, qk_scale, qk_low,
+                      qv_codes, qv_scale, qv_low, q_start, q_cap, q_len, k, v, layout):  # fmt: skip
+    """Lowered `kvsurgery::append_quantized_` (KIVI): heads whose residual is full quantize their oldest group into
+    the packed region and shift the rest forward (`quant_reference.flush_residual_`), then the token is appended.
+    Computed for every head each step and written only for the flushing ones (no data-dependent branch)."""
+    lay = QuantLayout.parse(layout)
+    b, n_kv = _value(start).shape
+    device = _value(start).device
+    r, g = lay.residual, lay.flush
+    full = length >= r
+    last = k_store.size(1) - 1
+    slots = (start.long()[..., None] + _arange(start, r, device)).clamp(max=last)  # [B, H, r]
+    rows = _arange(start, b, device)[:, None, None]
+    offset = q_start.long() + q_len.long()
+    shape = (b, n_kv, g, _value(k_store).shape[-1])
+    _quantize_flush(qk_codes, qk_scale, qk_low, lay.k, k_store[rows, slots[..., :g]], offset, full, shape, device)
+    shape = (b, n_kv, g, _value(v_store).shape[-1])
+    _quantize_flush(qv_codes, qv_scale, qv_low, lay.v, v_store[rows, slots[..., :g]], offset, full, shape, device)
+    q_len.add_(full.to(_value(q_len).dtype) * g)
+    moved_pos = torch.cat([pos[rows, slots[..., g:]], torch.full_like(pos[rows, slots[..., :g]], -1)], dim=-1)
+    for tensor in (k_store, v_store) if r > g else ():  # residual == group: nothing stays to move
+        _rewrite_rows(tensor, start, r - g, tensor[rows, slots[..., g:]], full, (b, n_kv), device)
+    _rewrite_rows(pos, start, r, moved_pos, full, (b, n_kv), device)
+    length.sub_(full.to(_value(length).dtype) * g)
+    append_(k_store, v_store, pos, slot_score, keep, cap, start, length, seen, k, v, 0, 0, False, False, "position")
+
+
+LOWERINGS: dict[object, Callable] = {
+    torch.ops.kvsurgery.attend.default: attend,
+    torch.ops.kvsurgery.attend_accumulate_.default: attend_accumulate_,
+    torch.ops.kvsurgery.append_.default: append_,
+    torch.ops.kvsurgery.attend_quantized.default: attend_quantized,
+    torch.ops.kvsurgery.append_quantized_.default: append_quantized_,
+}
+# Ops lowered only when their constant arguments allow it (the others keep running their reference).
+_ONLY_IF = {
+    torch.ops.kvsurgery.attend_quantized.default: lambda args: _lowerable_quantized(args[-2], args[-1]),
+    torch.ops.kvsurgery.append_quantized_.default: lambda args: _lowerable_append(args[-1]),
+}
+
+
+def lower_decode_ops(graph: fx.Graph) -> int:
+    """Replace every kvsurgery op of `graph` that has a lowering by its aten ops, traced in place. Returns how many."""
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    lowered = 0
+    for node in list(graph.nodes):
+        fn = LOWERINGS.get(node.target) if node.op == "call_function" else None
+        if fn is None or not _ONLY_IF.get(node.target, lambda args: True)(node.args):
+            continue
+        with graph.inserting_before(node):
+            args = [fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in node.args]
+            out = fn(*args, **node.kwargs)
+        if out is not None:
+            node.replace_all_uses_with(out.node)
+        graph.erase_node(node)
+        lowered += 1
+    return lowered

@@ -1,0 +1,77 @@
+"""The CPU lowering of the decode ops (`kvsurgery.cpu_lowering`): on CPU with compile=True the decode graph handed to
+Inductor holds aten ops in place of the lowered kvsurgery ops, and it gives the eager surgery's tokens.
+
+Most tests stand a capturing stub in for Inductor (the lowered FX graph runs as Python: seconds, not an Inductor
+compile); one compiles with Inductor for real."""
+
+import pytest
+import torch
+from torch._inductor import compile_fx as inductor
+
+import kvsurgery
+from kvsurgery.fx_utils import op_name
+from kvsurgery.testing import left_padded_batch, tiny_model
+
+NEW_TOKENS = 10
+# (recipe, budget): every lowered op — non-evicting and evicting appends (oldest, lowest score), accumulated
+# attention, a sliding window's attention, KIVI flushes with a residual larger than the group (tokens move forward)
+CASES = [
+    ("full", None),
+    ("snapkv(window=4)", 12),
+    ("streaming(sinks=2)", 10),
+    ("h2o(window=2)", 8),
+    ("adakv", 12),  # per-head budgets decided at prefill: segments of different sizes
+    ("snapkv(window=8)+kivi2(group=8,residual=16)", 24),
+    ("kivi4(group=8,residual=8)", None),
+]
+
+
+def _generate(model, ids, mask):
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    return out[:, ids.shape[1] :]
+
+
+def _kvsurgery_ops(gm: torch.fx.GraphModule) -> set[str]:
+    return {name for node in gm.graph.nodes if (name := op_name(node)).startswith("kvsurgery.")}
+
+
+@pytest.fixture
+def captured_graphs(monkeypatch):
+    """The graphs kvsurgery hands to Inductor, run as plain FX instead of being compiled."""
+    graphs = []
+
+    def capture(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", capture)
+    return graphs
+
+
+@pytest.mark.parametrize(("recipe", "budget"), CASES)
+def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, budget, captured_graphs):
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32, seed=3)
+    ids, mask = left_padded_batch([40, 29], seed=5)  # rows of different lengths: segments of different sizes
+    kvsurgery.apply(model, recipe, budget)
+    try:
+        eager = _generate(model, ids, mask)
+    finally:
+        kvsurgery.restore(model)
+    torch._dynamo.reset()
+    kvsurgery.apply(model, recipe, budget, compile=True)
+    try:
+        lowered = _generate(model, ids, mask)
+        report = model._kvsurgery.reports["decode"]
+    finally:
+        kvsurgery.restore(model)
+    assert len(captured_graphs) == 2, "one prefill and one decode graph"
+    decode = captured_graphs[1]
+    inserted = {op for site in report.sites for ops in site.inserted.values() for op in ops}
+    assert {"kvsurgery.attend", "kvsurgery.attend_accumulate_", "kvsurgery.attend_quantized"} & inserted
+    left = _kvsurgery_ops(decode) & inserted
+    assert not left, f"decode ops still opaque in the graph Inductor gets: {sorted(left)}"
+    assert any(n.target == "index_put_" for n in decode.graph.nodes), "appends write the store in place"
+    assert torch.equal(lowered, eager), "the lowered decode graph gives the eager (reference) tokens"
