@@ -19,14 +19,14 @@ eager path keeps running the reference; the tests hold the lowered graph to it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx
 
-import kvsurgery.quant_ops  # noqa: F401  (registers torch.ops.kvsurgery.*_quantized*)
-from kvsurgery.quant_layout import QuantLayout
-from kvsurgery.quantization import QuantSpec, compute_dtype
+from kvsurgery.reference.quant_codes import QuantSpec, compute_dtype
+from kvsurgery.reference.quant_layout import QuantLayout
 
 NEG_INF = float("-inf")
 
@@ -254,18 +254,19 @@ def append_quantized_(k_store, v_store, pos, slot_score, keep, cap, start, lengt
     append_(k_store, v_store, pos, slot_score, keep, cap, start, length, seen, k, v, 0, 0, False, False, "position")
 
 
-LOWERINGS: dict[object, Callable] = {
-    torch.ops.kvsurgery.attend.default: attend,
-    torch.ops.kvsurgery.attend_accumulate_.default: attend_accumulate_,
-    torch.ops.kvsurgery.append_.default: append_,
-    torch.ops.kvsurgery.attend_quantized.default: attend_quantized,
-    torch.ops.kvsurgery.append_quantized_.default: append_quantized_,
-}
-# Ops lowered only when their constant arguments allow it (the others keep running their reference).
-_ONLY_IF = {
-    torch.ops.kvsurgery.attend_quantized.default: lambda args: _lowerable_quantized(args[-2], args[-1]),
-    torch.ops.kvsurgery.append_quantized_.default: lambda args: _lowerable_append(args[-1]),
-}
+@functools.cache
+def _lowerings() -> dict[object, tuple[Callable, Callable]]:
+    """Each lowered op -> (its aten lowering, whether a call's constant arguments allow it; otherwise the reference
+    keeps running). Built on first use: the ops exist once `kvsurgery.ops.register()` has run."""
+    ops = torch.ops.kvsurgery
+    always = lambda args: True  # noqa: E731
+    return {
+        ops.attend.default: (attend, always),
+        ops.attend_accumulate_.default: (attend_accumulate_, always),
+        ops.append_.default: (append_, always),
+        ops.attend_quantized.default: (attend_quantized, lambda args: _lowerable_quantized(args[-2], args[-1])),
+        ops.append_quantized_.default: (append_quantized_, lambda args: _lowerable_append(args[-1])),
+    }
 
 
 def lower_decode_ops(graph: fx.Graph) -> int:
@@ -273,8 +274,8 @@ def lower_decode_ops(graph: fx.Graph) -> int:
     tracer = fx.proxy.GraphAppendingTracer(graph)
     lowered = 0
     for node in list(graph.nodes):
-        fn = LOWERINGS.get(node.target) if node.op == "call_function" else None
-        if fn is None or not _ONLY_IF.get(node.target, lambda args: True)(node.args):
+        fn, allowed = _lowerings().get(node.target, (None, None)) if node.op == "call_function" else (None, None)
+        if fn is None or not allowed(node.args):
             continue
         with graph.inserting_before(node):
             args = [fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in node.args]
