@@ -34,15 +34,13 @@ def cache_keyword(forward: Callable | torch.nn.Module) -> str:
 
 def pop_cache(call: dict[str, Any]) -> Any:
     """Remove and return the cache passed under either keyword (None if neither); both at once is an error."""
-    given = {name: call.pop(name) for name in CACHE_KEYWORDS if call.get(name) is not None}
-    for name in CACHE_KEYWORDS:
-        call.pop(name, None)
+    given = [cache for name in CACHE_KEYWORDS if (cache := call.pop(name, None)) is not None]
     if len(given) > 1:
         raise KVSurgeryError(
             "got a cache both as cache= and as past_key_values= (the same argument under its new and old name); "
             "pass it once, as cache="
         )
-    return next(iter(given.values()), None)
+    return given[0] if given else None
 
 
 def output_cache(output: Mapping[str, Any]) -> Any:
