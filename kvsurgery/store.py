@@ -23,6 +23,46 @@ LABEL_TENSORS = ("labels", "label_range")  # Double Sparsity's label cache; labe
 STORE_TENSORS = {name: "Tensor" for name in (*CORE_TENSORS, *QUANT_TENSORS, "labels")} | {"label_range": "Tensor?"}
 
 
+class LayerTensors:
+    """A layer's store tensors by name (`s.k_store`, `s.q_len`): how references and kernel launchers take the store.
+
+    Its fields are `STORE_TENSORS`. An op's flat store arguments are packed into one (`kvsurgery.ops.schema.by_name`)
+    with only the tensors that op takes, so reading any other raises AttributeError: a reference cannot read what its
+    op's schema does not declare. Read-only (ops mutate the tensors themselves, in place). Layouts:
+    `kvsurgery.reference.core` (core), `kvsurgery.reference.quant_layout` (packed region),
+    `kvsurgery.reference.doublesparse` (labels).
+    """
+
+    __slots__ = tuple(STORE_TENSORS)
+
+    def __init__(self, **tensors: Tensor | None):
+        unknown = sorted(set(tensors) - set(STORE_TENSORS))
+        if unknown:
+            raise TypeError(f"{unknown} are not store tensors (kvsurgery.store.STORE_TENSORS)")
+        for name, tensor in tensors.items():
+            object.__setattr__(self, name, tensor)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"LayerTensors is read-only (write into s.{name} in place)")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The tensors it holds, in `STORE_TENSORS` order."""
+        return tuple(name for name in STORE_TENSORS if hasattr(self, name))
+
+    def take(self, names: tuple[str, ...]) -> tuple[Tensor | None, ...]:
+        """The tensors `names`, in that order: an op's flat store arguments (e.g. `take(CORE_TENSORS)`)."""
+        return tuple(getattr(self, name) for name in names)
+
+    def map(self, fn) -> LayerTensors:
+        """The same names, each tensor passed through `fn` (None stays None): copies, dtype or device moves."""
+        names = self.names
+        return LayerTensors(**{n: None if t is None else fn(t) for n, t in zip(names, self.take(names), strict=True)})
+
+    def __repr__(self) -> str:
+        return f"LayerTensors({', '.join(self.names)})"
+
+
 @dataclass(frozen=True)
 class Plane:
     """An extra per-slot tensor a pass adds to a layer's store: [B, slots // slots_per_row, *shape] of `dtype`.
@@ -109,6 +149,13 @@ class StoreLayer:
         """Core tensors (in `CORE_TENSORS` order, the order the core ops take them), then the extra planes."""
         core = [self.k, self.v, self.pos, self.slot_score, self.keep, self.cap, self.start, self.length, self.seen]
         return core + list(self.planes.values())
+
+    def named(self) -> LayerTensors:
+        """The core tensors and the planes that are store tensors, by name; an optional store tensor ("Tensor?" in
+        `STORE_TENSORS`) the layer does not hold is None, as its ops are passed."""
+        tensors = dict(zip(self.plan.tensor_names, self.tensors(), strict=True))
+        held = {name: t for name, t in tensors.items() if name in STORE_TENSORS}
+        return LayerTensors(**{name: None for name, kind in STORE_TENSORS.items() if kind == "Tensor?"} | held)
 
     @property
     def nbytes(self) -> int:

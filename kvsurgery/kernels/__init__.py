@@ -18,9 +18,10 @@ from kvsurgery.kernels.doublesparse_gather import gather_attention
 from kvsurgery.kernels.quant_append import append_quantized_without_sync
 from kvsurgery.kernels.quant_attention import quantized_decode_attention
 from kvsurgery.kernels.snapkv_window import window_attention_mass
-from kvsurgery.kernels.split_kv_attention import decode_attention
+from kvsurgery.kernels.split_kv_attention import decode_attention, decode_attention_accumulate
 from kvsurgery.reference import core as reference
 from kvsurgery.reference import doublesparse as ds
+from kvsurgery.store import LayerTensors
 
 
 def score_window(q: Tensor, k: Tensor, mask: Tensor | None, scale, window, kernel, pool) -> Tensor:
@@ -38,20 +39,19 @@ def score_window(q: Tensor, k: Tensor, mask: Tensor | None, scale, window, kerne
 
 
 def sparse_attend(
-    q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels, scale, tokens, fraction, bits
+    q: Tensor, s: LayerTensors, channels: list[int], scale: float, tokens: int, fraction: float, bits: int
 ) -> Tensor:
     """Double Sparsity decode attention: label scores and top-k in torch ops without a host sync, then the gather
     kernel over the chosen slots."""
     table = ds.channel_table(channels, q.shape[1], q.device)
-    args = (q, pos, keep, start, length, seen, labels, label_range, table, scale, tokens, fraction, bits)
-    chosen, ok = ds.select_without_sync(*args)
-    return gather_attention(q, k_store, v_store, chosen, ok, scale)
+    chosen, ok = ds.select_without_sync(q, s, table, scale, tokens, fraction, bits)
+    return gather_attention(q, s.k_store, s.v_store, chosen, ok, scale)
 
 
 CUDA_KERNELS: dict[str, Callable[..., Tensor | None]] = {
     "score_window": score_window,
     "attend": decode_attention,
-    "attend_accumulate_": decode_attention,
+    "attend_accumulate_": decode_attention_accumulate,
     "append_": append,
     "attend_quantized": quantized_decode_attention,
     "append_quantized_": append_quantized_without_sync,
@@ -63,6 +63,7 @@ __all__ = [
     "append",
     "append_quantized_without_sync",
     "decode_attention",
+    "decode_attention_accumulate",
     "gather_attention",
     "quantized_decode_attention",
     "score_window",

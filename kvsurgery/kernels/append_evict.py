@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kvsurgery.store import LayerTensors
+
 
 @triton.jit
 def _argmin_update(best, best_idx, count, cand, score, j):
@@ -124,14 +126,7 @@ def _append_kernel(
 
 
 def append(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    slot_score: Tensor,
-    cap: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
+    s: LayerTensors,
     k: Tensor,
     v: Tensor,
     sinks: int,
@@ -150,34 +145,34 @@ def append(
     dv = v.shape[-1]
     if t != 1:
         raise ValueError(f"append writes one token per step, got k of shape {tuple(k.shape)}")
-    if by_score and not slot_score.numel():
+    has_score = s.slot_score.numel() > 0
+    if by_score and not has_score:
         raise ValueError("append with by_score=True needs the store's slot_score plane (the plan has score_slots)")
-    for name, tensor in (("k_store", k_store), ("v_store", v_store), ("pos", pos), ("k", k), ("v", v)):
+    for name, tensor in (("k_store", s.k_store), ("v_store", s.v_store), ("pos", s.pos), ("k", k), ("v", v)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"append needs {name} contiguous in its last dimension")
-    if not (cap.is_contiguous() and start.is_contiguous() and length.is_contiguous()):
+    if not (s.cap.is_contiguous() and s.start.is_contiguous() and s.length.is_contiguous()):
         raise ValueError("append needs contiguous cap/start/length tables [B, Hkv]")
-    has_score = slot_score.numel() > 0
     _append_kernel[(b * n_kv,)](
-        k_store,
-        v_store,
-        pos,
-        slot_score,
-        cap,
-        start,
-        length,
-        seen,
+        s.k_store,
+        s.v_store,
+        s.pos,
+        s.slot_score,
+        s.cap,
+        s.start,
+        s.length,
+        s.seen,
         k,
         v,
         window,
         n_kv,
-        k_store.stride(0),
-        k_store.stride(1),
-        v_store.stride(0),
-        v_store.stride(1),
-        pos.stride(0),
-        slot_score.stride(0) if has_score else 0,
-        start.stride(0),
+        s.k_store.stride(0),
+        s.k_store.stride(1),
+        s.v_store.stride(0),
+        s.v_store.stride(1),
+        s.pos.stride(0),
+        s.slot_score.stride(0) if has_score else 0,
+        s.start.stride(0),
         k.stride(0),
         k.stride(1),
         v.stride(0),
@@ -193,4 +188,4 @@ def append(
         SCORE_NEW_POSITION=score_new == "position",
         BLOCK=block,
     )
-    seen.add_(1)
+    s.seen.add_(1)

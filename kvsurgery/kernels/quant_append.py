@@ -15,6 +15,7 @@ from torch import Tensor
 from kvsurgery.reference.quant import slot_grid
 from kvsurgery.reference.quant_codes import QuantSpec, pack, quantize_tokens
 from kvsurgery.reference.quant_layout import QuantLayout
+from kvsurgery.store import CORE_TENSORS, LayerTensors
 
 
 def put_where(t: Tensor, rows: Tensor, cols: Tensor, values: Tensor, valid: Tensor) -> None:
@@ -60,75 +61,36 @@ def write_packed_where(
         put_where(low_p, g_rows, group_rows, low, used)
 
 
-def flush_residual_without_sync(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    start: Tensor,
-    length: Tensor,
-    qk_codes: Tensor,
-    qk_scale: Tensor,
-    qk_low: Tensor,
-    qv_codes: Tensor,
-    qv_scale: Tensor,
-    qv_low: Tensor,
-    q_start: Tensor,
-    q_cap: Tensor,
-    q_len: Tensor,
-    lay: QuantLayout,
-) -> None:
+def flush_residual_without_sync(s: LayerTensors, lay: QuantLayout) -> None:
     """`quant_reference.flush_residual_` with fixed shapes: every head whose residual is full quantizes its oldest
     `flush` tokens and moves the others to the front of its segment; the other heads keep their values."""
     g, r = lay.flush, lay.residual
-    full = length >= r
+    full = s.length >= r
     torch._assert_async(
-        ~(full & (q_len + g > q_cap)).any(), "a quantized store's packed region is full; its plan undercounted"
+        ~(full & (s.q_len + g > s.q_cap)).any(), "a quantized store's packed region is full; its plan undercounted"
     )
-    slots, rows = slot_grid(start, r)
-    slots = slots.clamp(max=k_store.shape[1] - 1)
+    slots, rows = slot_grid(s.start, r)
+    slots = slots.clamp(max=s.k_store.shape[1] - 1)
     oldest = full[..., None].expand(*full.shape, g)
-    offset = q_start + q_len
-    write_packed_where(qk_codes, qk_scale, qk_low, lay.k, k_store[rows[..., :g], slots[..., :g]], oldest, offset)
-    write_packed_where(qv_codes, qv_scale, qv_low, lay.v, v_store[rows[..., :g], slots[..., :g]], oldest, offset)
-    q_len.add_(full.to(q_len.dtype) * g)
+    offset = s.q_start + s.q_len
+    oldest_k, oldest_v = s.k_store[rows[..., :g], slots[..., :g]], s.v_store[rows[..., :g], slots[..., :g]]
+    write_packed_where(s.qk_codes, s.qk_scale, s.qk_low, lay.k, oldest_k, oldest, offset)
+    write_packed_where(s.qv_codes, s.qv_scale, s.qv_low, lay.v, oldest_v, oldest, offset)
+    s.q_len.add_(full.to(s.q_len.dtype) * g)
     moved = full[..., None].expand(*full.shape, r - g)
     kept_rows, src, dst = rows[..., g:], slots[..., g:], slots[..., : r - g]
-    for tensor in (k_store, v_store, pos):
+    for tensor in (s.k_store, s.v_store, s.pos):
         put_where(tensor, kept_rows, dst, tensor[kept_rows, src], moved)
     freed = full[..., None].expand(*full.shape, g)
-    empty = torch.full(freed.shape, -1, dtype=pos.dtype, device=pos.device)
-    put_where(pos, rows[..., r - g :], slots[..., r - g :], empty, freed)
-    length.sub_(full.to(length.dtype) * g)
+    empty = torch.full(freed.shape, -1, dtype=s.pos.dtype, device=s.pos.device)
+    put_where(s.pos, rows[..., r - g :], slots[..., r - g :], empty, freed)
+    s.length.sub_(full.to(s.length.dtype) * g)
 
 
-def append_quantized_without_sync(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    slot_score: Tensor,
-    keep: Tensor,
-    cap: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    qk_codes: Tensor,
-    qk_scale: Tensor,
-    qk_low: Tensor,
-    qv_codes: Tensor,
-    qv_scale: Tensor,
-    qv_low: Tensor,
-    q_start: Tensor,
-    q_cap: Tensor,
-    q_len: Tensor,
-    k: Tensor,
-    v: Tensor,
-    layout: str,
-) -> None:
+def append_quantized_without_sync(s: LayerTensors, k: Tensor, v: Tensor, layout: str) -> None:
     """Decode: (KIVI) flush full residuals, then append the new token to the dense region of every head."""
     lay = QuantLayout.parse(layout)
     if lay.residual:
-        quant = (qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_cap, q_len)
-        flush_residual_without_sync(k_store, v_store, pos, start, length, *quant, lay)
-    torch._assert_async((length < cap).all(), "a quantized store's full-precision region is full")
-    core = (k_store, v_store, pos, slot_score, keep, cap, start, length, seen)
-    torch.ops.kvsurgery.append_(*core, k, v, 0, 0, False, False, "position")
+        flush_residual_without_sync(s, lay)
+    torch._assert_async((s.length < s.cap).all(), "a quantized store's full-precision region is full")
+    torch.ops.kvsurgery.append_(*s.take(CORE_TENSORS), k, v, 0, 0, False, False, "position")

@@ -28,6 +28,7 @@ from kvsurgery.kernels.split_kv_attention import (
 )
 from kvsurgery.reference.quant_codes import QuantSpec
 from kvsurgery.reference.quant_layout import QuantLayout
+from kvsurgery.store import QUANT_TENSORS, LayerTensors
 
 
 @triton.jit
@@ -311,19 +312,7 @@ def _spec_constants(spec: QuantSpec, prefix: str) -> dict:
 
 def quantized_decode_attention(
     q: Tensor,
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    start: Tensor,
-    length: Tensor,
-    qk_codes: Tensor,
-    qk_scale: Tensor,
-    qk_low: Tensor,
-    qv_codes: Tensor,
-    qv_scale: Tensor,
-    qv_low: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
+    s: LayerTensors,
     scale: float,
     layout: str | QuantLayout,
     squeeze: float,
@@ -334,36 +323,25 @@ def quantized_decode_attention(
     `n_splits`/`block_n` override the launch shape."""
     lay = layout if isinstance(layout, QuantLayout) else QuantLayout.parse(layout)
     b, hq, tq, d = q.shape
-    n_kv = start.shape[1]
-    if tq != 1 or hq % n_kv or k_store.shape[-1] != d or v_store.shape[-1] != d:
+    n_kv = s.start.shape[1]
+    if tq != 1 or hq % n_kv or s.k_store.shape[-1] != d or s.v_store.shape[-1] != d:
         raise ValueError(
             f"quantized_decode_attention needs q [B, Hq, 1, D] with Hq a multiple of {n_kv} KV heads and K/V head "
-            f"dim {d}; got q {tuple(q.shape)}, k_store {tuple(k_store.shape)}, v_store {tuple(v_store.shape)}"
+            f"dim {d}; got q {tuple(q.shape)}, k_store {tuple(s.k_store.shape)}, v_store {tuple(s.v_store.shape)}"
         )
-    planes = dict(
-        k_store=k_store,
-        v_store=v_store,
-        pos=pos,
-        qk_codes=qk_codes,
-        qk_scale=qk_scale,
-        qk_low=qk_low,
-        qv_codes=qv_codes,
-        qv_scale=qv_scale,
-        qv_low=qv_low,
-    )
-    for name, t in planes.items():
+    rows = ("k_store", "v_store", "pos", *QUANT_TENSORS[:6])  # per-slot planes: codes and statistics
+    for name, t in zip(rows, s.take(rows), strict=True):
         if t.stride(-1) != 1:
             raise ValueError(f"quantized_decode_attention needs {name} contiguous in its last dimension")
-    if qk_scale.stride() != qk_low.stride() or qv_scale.stride() != qv_low.stride():
+    if s.qk_scale.stride() != s.qk_low.stride() or s.qv_scale.stride() != s.qv_low.stride():
         raise ValueError("quantized_decode_attention needs each scale plane laid out like its lo plane")
-    tables = (start, length, q_start, q_len)
-    if not all(t.is_contiguous() for t in tables):
+    if not all(t.is_contiguous() for t in s.take(("start", "length", "q_start", "q_len"))):
         raise ValueError("quantized_decode_attention needs contiguous start/length/q_start/q_len tables [B, Hkv]")
     out = _empty_like(q)
     if q.stride(-1) != 1:
         q = q.contiguous()
     group = hq // n_kv
-    slots = k_store.shape[1] + qk_codes.shape[1]
+    slots = s.k_store.shape[1] + s.qk_codes.shape[1]
     splits = n_splits or default_splits(b, n_kv, slots, block_n, q.device)
     d_pad = pow2(d, 16)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -378,41 +356,41 @@ def quantized_decode_attention(
     if squeezing:
         _packed_range_kernel[(b * n_kv, splits)](
             q,
-            qk_codes,
-            qk_scale,
-            qk_low,
-            q_start,
-            q_len,
+            s.qk_codes,
+            s.qk_scale,
+            s.qk_low,
+            s.q_start,
+            s.q_len,
             lo_part,
             hi_part,
             scale,
             n_kv,
             q.stride(0),
             q.stride(1),
-            qk_codes.stride(0),
-            qk_codes.stride(1),
-            qk_scale.stride(0),
-            qk_scale.stride(1),
-            q_start.stride(0),
+            s.qk_codes.stride(0),
+            s.qk_codes.stride(1),
+            s.qk_scale.stride(0),
+            s.qk_scale.stride(1),
+            s.q_start.stride(0),
             **common,
             **k_consts,
             PRECISION=precision,
         )
     _quant_split_kernel[(b * n_kv, splits)](
         q,
-        k_store,
-        v_store,
-        pos,
-        start,
-        length,
-        qk_codes,
-        qk_scale,
-        qk_low,
-        qv_codes,
-        qv_scale,
-        qv_low,
-        q_start,
-        q_len,
+        s.k_store,
+        s.v_store,
+        s.pos,
+        s.start,
+        s.length,
+        s.qk_codes,
+        s.qk_scale,
+        s.qk_low,
+        s.qv_codes,
+        s.qv_scale,
+        s.qv_low,
+        s.q_start,
+        s.q_len,
         lo_part,
         hi_part,
         o_part,
@@ -422,20 +400,20 @@ def quantized_decode_attention(
         n_kv,
         q.stride(0),
         q.stride(1),
-        k_store.stride(0),
-        k_store.stride(1),
-        v_store.stride(0),
-        v_store.stride(1),
-        pos.stride(0),
-        start.stride(0),
-        qk_codes.stride(0),
-        qk_codes.stride(1),
-        qk_scale.stride(0),
-        qk_scale.stride(1),
-        qv_codes.stride(0),
-        qv_codes.stride(1),
-        qv_scale.stride(0),
-        qv_scale.stride(1),
+        s.k_store.stride(0),
+        s.k_store.stride(1),
+        s.v_store.stride(0),
+        s.v_store.stride(1),
+        s.pos.stride(0),
+        s.start.stride(0),
+        s.qk_codes.stride(0),
+        s.qk_codes.stride(1),
+        s.qk_scale.stride(0),
+        s.qk_scale.stride(1),
+        s.qv_codes.stride(0),
+        s.qv_codes.stride(1),
+        s.qv_scale.stride(0),
+        s.qv_scale.stride(1),
         **common,
         SPLITS_PAD=pow2(splits, 2),
         **k_consts,

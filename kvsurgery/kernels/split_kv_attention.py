@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kvsurgery.store import LayerTensors
+
 LOG2E = 1.4426950408889634
 # The CPU interpreter computes bf16 `tl.dot` wrongly (triton-lang/triton#11584): upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -274,37 +276,33 @@ def default_splits(batch: int, n_kv: int, slots: int, block_n: int, device: torc
 
 def decode_attention(
     q: Tensor,
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
+    s: LayerTensors,
     scale: float,
     window: int,
-    slot_score: Tensor | None = None,
+    accumulate: bool = False,
     n_splits: int | None = None,
     block_n: int = 64,
 ) -> Tensor:
-    """Attention of q [B, Hq, 1, D] over each KV head's segment -> [B, Hq, 1, D]; with `slot_score`, also adds
-    each slot's attention (mean over its GQA group) to it. `n_splits`/`block_n` override the launch shape."""
+    """Attention of q [B, Hq, 1, D] over each KV head's segment -> [B, Hq, 1, D]; with `accumulate`, also adds
+    each slot's attention (mean over its GQA group) to `s.slot_score`. `n_splits`/`block_n` override the launch
+    shape."""
     b, hq, tq, d = q.shape
-    n_kv = start.shape[1]
-    if tq != 1 or hq % n_kv or v_store.shape[-1] != d or k_store.shape[-1] != d:
+    n_kv = s.start.shape[1]
+    if tq != 1 or hq % n_kv or s.v_store.shape[-1] != d or s.k_store.shape[-1] != d:
         raise ValueError(
             f"decode_attention needs q [B, Hq, 1, D] with Hq a multiple of {n_kv} KV heads and K/V head dim {d}; "
-            f"got q {tuple(q.shape)}, k_store {tuple(k_store.shape)}, v_store {tuple(v_store.shape)}"
+            f"got q {tuple(q.shape)}, k_store {tuple(s.k_store.shape)}, v_store {tuple(s.v_store.shape)}"
         )
-    for name, t in (("k_store", k_store), ("v_store", v_store), ("pos", pos)):
+    for name, t in (("k_store", s.k_store), ("v_store", s.v_store), ("pos", s.pos)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode_attention needs {name} contiguous in its last dimension")
-    if not (start.is_contiguous() and length.is_contiguous()):
+    if not (s.start.is_contiguous() and s.length.is_contiguous()):
         raise ValueError("decode_attention needs contiguous start/length tables [B, Hkv]")
     out = _empty_like(q)
     if q.stride(-1) != 1:
         q = q.contiguous()
     group = hq // n_kv
-    splits = n_splits or default_splits(b, n_kv, k_store.shape[1], block_n, q.device)
+    splits = n_splits or default_splits(b, n_kv, s.k_store.shape[1], block_n, q.device)
     d_pad = pow2(d, 16)
     upcast = _INTERPRET or q.dtype == torch.float32
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 stays exact on GPUs (no TF32)
@@ -315,12 +313,12 @@ def decode_attention(
     common = dict(G=group, G_PAD=pow2(group, 16), D=d, D_PAD=d_pad, N_SPLITS=splits, BLOCK_N=block_n)
     _split_kernel[(b * n_kv, splits)](
         q,
-        k_store,
-        v_store,
-        pos,
-        start,
-        length,
-        seen,
+        s.k_store,
+        s.v_store,
+        s.pos,
+        s.start,
+        s.length,
+        s.seen,
         o_part,
         lse_part,
         qk_scale,
@@ -328,39 +326,44 @@ def decode_attention(
         n_kv,
         q.stride(0),
         q.stride(1),
-        k_store.stride(0),
-        k_store.stride(1),
-        v_store.stride(0),
-        v_store.stride(1),
-        pos.stride(0),
-        start.stride(0),
+        s.k_store.stride(0),
+        s.k_store.stride(1),
+        s.v_store.stride(0),
+        s.v_store.stride(1),
+        s.pos.stride(0),
+        s.start.stride(0),
         **common,
         UPCAST=upcast,
         PRECISION=precision,
     )
     merge_splits(o_part, lse_part, out, lse, splits)
-    if slot_score is not None:
+    if accumulate:
         _accumulate_kernel[(b * n_kv, splits)](
             q,
-            k_store,
-            pos,
-            start,
-            length,
-            seen,
+            s.k_store,
+            s.pos,
+            s.start,
+            s.length,
+            s.seen,
             lse,
-            slot_score,
+            s.slot_score,
             qk_scale,
             window,
             n_kv,
             q.stride(0),
             q.stride(1),
-            k_store.stride(0),
-            k_store.stride(1),
-            pos.stride(0),
-            slot_score.stride(0),
-            start.stride(0),
+            s.k_store.stride(0),
+            s.k_store.stride(1),
+            s.pos.stride(0),
+            s.slot_score.stride(0),
+            s.start.stride(0),
             **common,
             UPCAST=upcast,
             PRECISION=precision,
         )
     return out
+
+
+def decode_attention_accumulate(q: Tensor, s: LayerTensors, scale: float, window: int) -> Tensor:
+    """`attend_accumulate_` on CUDA: `decode_attention` that also adds each slot's attention to `s.slot_score`."""
+    return decode_attention(q, s, scale, window, accumulate=True)

@@ -10,21 +10,27 @@ from torch import Tensor
 
 from kvsurgery.ops.schema import OpDef, like_q
 from kvsurgery.reference import doublesparse as ds
-from kvsurgery.store import LABEL_TENSORS
+from kvsurgery.store import LABEL_TENSORS, LayerTensors
 
 
-def label_fill(labels: Tensor, label_range, k_store: Tensor, start: Tensor, cap: Tensor, channels, bits: int) -> None:
-    table = ds.channel_table(channels, start.shape[1] * labels.shape[2], k_store.device)
-    ds.label_fill_(labels, label_range, k_store, start, cap, table, bits)
+def query_heads(s: LayerTensors) -> int:
+    """Hq of a layer: KV heads x the labels each slot holds (one per query head of its group)."""
+    return s.start.shape[1] * s.labels.shape[2]
 
 
-def label_append(labels: Tensor, label_range, k: Tensor, start: Tensor, length: Tensor, channels, bits: int) -> None:
-    table = ds.channel_table(channels, start.shape[1] * labels.shape[2], k.device)
-    ds.label_append_(labels, label_range, k, start, length, table, bits)
+def label_fill(s: LayerTensors, channels: list[int], bits: int) -> None:
+    ds.label_fill_(s, ds.channel_table(channels, query_heads(s), s.k_store.device), bits)
 
 
-def sparse_attend(q: Tensor, channels, **args) -> Tensor:
-    return ds.sparse_attend(q, channels=ds.channel_table(channels, q.shape[1], q.device), **args)
+def label_append(s: LayerTensors, k: Tensor, channels: list[int], bits: int) -> None:
+    ds.label_append_(s, k, ds.channel_table(channels, query_heads(s), k.device), bits)
+
+
+def sparse_attend(
+    q: Tensor, s: LayerTensors, channels: list[int], scale: float, tokens: int, fraction: float, bits: int
+) -> Tensor:
+    table = ds.channel_table(channels, q.shape[1], q.device)
+    return ds.sparse_attend(q, s, table, scale, tokens, fraction, bits)
 
 
 OPS = (

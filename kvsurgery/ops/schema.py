@@ -3,7 +3,9 @@
 An op's parameters are names. A store tensor is named bare (its type comes from `kvsurgery.store.STORE_TENSORS`, the
 one declaration of what a layer's store holds); any other parameter carries its schema type ("Tensor q", "int
 window"). The implementation (the PyTorch reference), the fake and the CUDA kernel each take the op's arguments by
-name, so none of them repeats the list: each names only the parameters it reads.
+name, so none of them repeats the list: each names only the parameters it reads, and takes the op's store tensors
+as one `s: LayerTensors` (`s.k_store`, ...). The schema stays flat tensors, as torch.library, Inductor and CUDA graphs
+want it; only the Python side sees one object.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kvsurgery.store import STORE_TENSORS
+from kvsurgery.store import STORE_TENSORS, LayerTensors
 
 NAMESPACE = "kvsurgery"
 _SYMBOLIC = {"int": "SymInt", "int[]": "SymInt[]"}  # ints may be symbolic under Dynamo (as torch infers them)
@@ -54,19 +56,32 @@ class OpDef:
         return f"({', '.join(out)}) -> {self.returns}"
 
 
+STORE_ARG = "s"  # the parameter that receives the op's store tensors as one LayerTensors
+
+
 def by_name(fn: Callable[..., Any], names: tuple[str, ...], op: str) -> Callable[..., Any]:
-    """`fn` called with the op's positional arguments bound to their names (only those `fn` takes)."""
+    """`fn` called with the op's positional arguments bound to their names (only those `fn` takes); a parameter `s`
+    gets the op's store tensors as one `LayerTensors`."""
     params = inspect.signature(fn).parameters
+    store = tuple(n for n in names if n in STORE_TENSORS) if STORE_ARG in params else ()
+    if STORE_ARG in params and not store:
+        raise TypeError(f"{fn.__qualname__} takes the store ({STORE_ARG!r}), but op {op!r} takes no store tensor")
     takes_rest = any(p.kind is p.VAR_KEYWORD for p in params.values())
     missing = [
-        n for n, p in params.items() if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD and n not in names
+        n
+        for n, p in params.items()
+        if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD and n not in names and n != STORE_ARG
     ]
     if missing:
         raise TypeError(f"{fn.__qualname__} needs {missing}, which op {op!r} does not take")
-    wanted = set(names) if takes_rest else set(params) & set(names)
+    wanted = (set(names) if takes_rest else set(params) & set(names)) - set(store)
 
     def call(*args):
-        return fn(**{n: a for n, a in zip(names, args, strict=True) if n in wanted})
+        bound = dict(zip(names, args, strict=True))
+        kwargs = {n: bound[n] for n in names if n in wanted}
+        if store:
+            kwargs[STORE_ARG] = LayerTensors(**{n: bound[n] for n in store})
+        return fn(**kwargs)
 
     call.__name__ = call.__qualname__ = fn.__name__
     return call

@@ -13,6 +13,8 @@ Layouts (one model layer):
   length       [B, Hkv] int32      filled slots of each segment
   seen         [] int64            tokens written so far (prompt, padding included, plus decoded)
 Token indices count positions in the (left-padded) input, as the model's masks do.
+The ops that read or write the store take it as one `s: LayerTensors` (`kvsurgery.store`), holding the tensors
+their op declares.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kvsurgery.store import LayerTensors
 
 NEG_INF = float("-inf")
 
@@ -183,15 +187,7 @@ def segment_slots(start: Tensor, width: int, n_slots: int) -> tuple[Tensor, Tens
 
 
 def select_compact_(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    slot_score: Tensor,
-    keep: Tensor,
-    cap: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
+    s: LayerTensors,
     k: Tensor,
     v: Tensor,
     scores: Tensor | None,
@@ -207,13 +203,13 @@ def select_compact_(
     order; a segment's unused slots get pos = -1.
     """
     b, n_kv, t, _ = k.shape
-    n_slots = k_store.shape[1]
+    n_slots = s.k_store.shape[1]
     if budgets is not None:
-        seg = budgets.to(cap.dtype) + (cap - keep)
-        keep.copy_(budgets)
-        cap.copy_(seg)
-        start.copy_(seg.cumsum(-1) - seg)
-    budget = keep.long()
+        seg = budgets.to(s.cap.dtype) + (s.cap - s.keep)
+        s.keep.copy_(budgets)
+        s.cap.copy_(seg)
+        s.start.copy_(seg.cumsum(-1) - seg)
+    budget = s.keep.long()
     valid = valid_keys(mask, t, b).to(k.device)
     forced = forced_keep(valid, sinks, window)
     prio = scores.float() if scores is not None else recency_scores(k)
@@ -224,19 +220,19 @@ def select_compact_(
     j = torch.arange(width, device=k.device)
     taken = j < count[..., None]
     idx = torch.where(taken, idx, t).sort(dim=-1).values
-    slots, rows = segment_slots(start, width, n_slots)
+    slots, rows = segment_slots(s.start, width, n_slots)
     heads = torch.arange(n_kv, device=k.device)[None, :, None].expand_as(slots)
     bi, hi, si, ti = rows[taken], heads[taken], slots[taken], idx[taken]
-    pos.fill_(-1)
-    pos[bi, si] = ti.to(pos.dtype)
-    k_store[bi, si] = k[bi, hi, ti]
-    v_store[bi, si] = v[bi, hi, ti]
-    if slot_score.numel():
-        slot_score.zero_()
+    s.pos.fill_(-1)
+    s.pos[bi, si] = ti.to(s.pos.dtype)
+    s.k_store[bi, si] = k[bi, hi, ti]
+    s.v_store[bi, si] = v[bi, hi, ti]
+    if s.slot_score.numel():
+        s.slot_score.zero_()
         kept_score = scores[bi, hi, ti] if scores is not None else ti.float()
-        slot_score[bi, si] = kept_score.float()
-    length.copy_(count.to(length.dtype))
-    seen.fill_(t)
+        s.slot_score[bi, si] = kept_score.float()
+    s.length.copy_(count.to(s.length.dtype))
+    s.seen.fill_(t)
 
 
 def _segment_view(pos: Tensor, start: Tensor, cap: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,15 +244,7 @@ def _segment_view(pos: Tensor, start: Tensor, cap: Tensor) -> tuple[Tensor, Tens
 
 
 def append_(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    slot_score: Tensor,
-    keep: Tensor,
-    cap: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
+    s: LayerTensors,
     k: Tensor,
     v: Tensor,
     sinks: int,
@@ -271,67 +259,57 @@ def append_(
     one of the `sinks` earliest nor among the `window` most recent. Without `evict` the caller guarantees room.
     The new token's slot score is its index (`score_new="position"`) or 0 (`"zero"`, accumulated later).
     """
-    slots, rows, p = _segment_view(pos, start, cap)
+    slots, rows, p = _segment_view(s.pos, s.start, s.cap)
     filled = p >= 0
-    new_slot = start.long() + length.long()
-    full = length >= cap
+    new_slot = s.start.long() + s.length.long()
+    full = s.length >= s.cap
     if evict:
-        score = slot_score[rows, slots] if by_score else p.float()
+        score = s.slot_score[rows, slots] if by_score else p.float()
         big = torch.iinfo(torch.int64).max
         n_sink = max(1, min(sinks, slots.shape[-1]))
         sink_cut = torch.where(filled, p, big).topk(n_sink, dim=-1, largest=False).values[..., -1:]
         is_sink = filled & (p <= sink_cut) if sinks > 0 else torch.zeros_like(filled)
-        recent = p >= seen - window
+        recent = p >= s.seen - window
         cand = filled & ~is_sink & ~recent
         cand = torch.where(cand.any(-1, keepdim=True), cand, filled & ~is_sink)
         cand = torch.where(cand.any(-1, keepdim=True), cand, filled)
         victim = torch.where(cand, score, float("inf")).argmin(dim=-1)
         new_slot = torch.where(full, slots.gather(-1, victim[..., None])[..., 0], new_slot)
     b_idx = rows[..., 0]
-    k_store[b_idx, new_slot] = k[:, :, 0]
-    v_store[b_idx, new_slot] = v[:, :, 0]
-    pos[b_idx, new_slot] = seen.to(pos.dtype)
-    if slot_score.numel():
-        slot_score[b_idx, new_slot] = seen.float() if score_new == "position" else 0.0
-    length.copy_(torch.where(full, length, length + 1))
-    seen.add_(1)
+    s.k_store[b_idx, new_slot] = k[:, :, 0]
+    s.v_store[b_idx, new_slot] = v[:, :, 0]
+    s.pos[b_idx, new_slot] = s.seen.to(s.pos.dtype)
+    if s.slot_score.numel():
+        s.slot_score[b_idx, new_slot] = s.seen.float() if score_new == "position" else 0.0
+    s.length.copy_(torch.where(full, s.length, s.length + 1))
+    s.seen.add_(1)
 
 
-def gather_segments(
-    k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor, seen: Tensor, window: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    max_len = int(length.max()) if length.numel() else 0
-    slots, rows = segment_slots(start, max_len, k_store.shape[1])
-    p = pos[rows, slots].long()
-    ok = (torch.arange(max_len, device=pos.device) < length.long()[..., None]) & (p >= 0)
+def gather_segments(s: LayerTensors, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Each segment's filled slots (k_store, v_store, pos, start, length, seen): keys and values [B, Hkv, L, D],
+    which may attend [B, Hkv, L] (filled, within the sliding `window` when > 0), and their slots and rows."""
+    max_len = int(s.length.max()) if s.length.numel() else 0
+    slots, rows = segment_slots(s.start, max_len, s.k_store.shape[1])
+    p = s.pos[rows, slots].long()
+    ok = (torch.arange(max_len, device=s.pos.device) < s.length.long()[..., None]) & (p >= 0)
     if window > 0:
-        ok = ok & (p > seen - 1 - window)
-    return k_store[rows, slots], v_store[rows, slots], ok, slots, rows
+        ok = ok & (p > s.seen - 1 - window)
+    return s.k_store[rows, slots], s.v_store[rows, slots], ok, slots, rows
 
 
-def attend(
-    q: Tensor,
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    scale: float,
-    window: int,
-) -> Tensor:
+def attend(q: Tensor, s: LayerTensors, scale: float, window: int) -> Tensor:
     """Decode attention of one query token per head over the compressed store -> [B, Hq, 1, D].
 
     `seen` counts the current token (append ran first); `window` > 0 restricts keys to the sliding window.
     """
-    return _attend(q, k_store, v_store, pos, start, length, seen, scale, window)[0]
+    return _attend(q, s, scale, window)[0]
 
 
-def _attend(q, k_store, v_store, pos, start, length, seen, scale, window):
+def _attend(q: Tensor, s: LayerTensors, scale: float, window: int):
     b, hq, _, d = q.shape
-    n_kv = start.shape[1]
+    n_kv = s.start.shape[1]
     dt = acc_dtype(q)
-    keys, values, ok, slots, rows = gather_segments(k_store, v_store, pos, start, length, seen, window)
+    keys, values, ok, slots, rows = gather_segments(s, window)
     qg = group_queries(q, n_kv)[:, :, :, 0].to(dt)
     logits = torch.einsum("bhgd,bhld->bhgl", qg, keys.to(dt)) * scale
     probs = torch.softmax(logits.masked_fill(~ok[:, :, None], NEG_INF), dim=-1).nan_to_num(0.0)
@@ -339,22 +317,11 @@ def _attend(q, k_store, v_store, pos, start, length, seen, scale, window):
     return out.reshape(b, hq, 1, d).to(q.dtype), probs, ok, slots, rows
 
 
-def attend_accumulate_(
-    q: Tensor,
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    slot_score: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    scale: float,
-    window: int,
-) -> Tensor:
+def attend_accumulate_(q: Tensor, s: LayerTensors, scale: float, window: int) -> Tensor:
     """`attend`, and add each slot's attention (mean over its GQA group) to `slot_score` (H2O bookkeeping)."""
-    out, probs, ok, slots, rows = _attend(q, k_store, v_store, pos, start, length, seen, scale, window)
+    out, probs, ok, slots, rows = _attend(q, s, scale, window)
     gain = probs.mean(dim=2).float().masked_fill(~ok, 0.0)
-    slot_score.index_put_((rows[ok], slots[ok]), gain[ok], accumulate=True)
+    s.slot_score.index_put_((rows[ok], slots[ok]), gain[ok], accumulate=True)
     return out
 
 

@@ -11,6 +11,7 @@ Layouts (one layer), in addition to the store's (see `kvsurgery.reference.core`)
                [B, S, G, r*bits/8] uint8       bits in (2, 4, 8): packed codes, lowest bits first
   label_range  [B, S, G, 2]      float16       bits < 16: per-label (min, step); None when bits == 16
 G = Hq / Hkv query heads per KV head; slot s of a KV head's segment holds one label per query head of the group.
+The ops take the store as one `s: LayerTensors` (its labels and label_range beside the core tensors they read).
 
 GQA: the k tokens are chosen per KV head, so the whole query group attends to the same tokens. Each query head
 turns its approximate logits into a softmax; the group's summed probability mass ranks the tokens (for MHA this is
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from kvsurgery.budget import Budget
 from kvsurgery.reference.core import NEG_INF, acc_dtype, group_queries, segment_slots, top_indices
+from kvsurgery.store import LayerTensors
 
 LABEL_BITS = (2, 4, 8, 16)
 
@@ -78,31 +80,27 @@ def dequantize_labels(labels: Tensor, label_range: Tensor | None, bits: int) -> 
     return codes * rng[..., 1:2] + rng[..., 0:1]
 
 
-def label_fill_(
-    labels: Tensor, label_range: Tensor | None, k_store: Tensor, start: Tensor, cap: Tensor, channels: Tensor, bits: int
-) -> None:
+def label_fill_(s: LayerTensors, channels: Tensor, bits: int) -> None:
     """Prefill: (re)write the label of every slot of every segment from the stored keys."""
-    n_slots = k_store.shape[1]
-    width = int(cap.max()) if cap.numel() else 0
-    slots, rows = segment_slots(start, width, n_slots)
-    in_seg = torch.arange(width, device=k_store.device) < cap.long()[..., None]
-    stored, rng = quantize_labels(gather_channels(k_store[rows, slots], channels), bits)
-    labels[rows[in_seg], slots[in_seg]] = stored[in_seg]
-    if label_range is not None:
-        label_range[rows[in_seg], slots[in_seg]] = rng[in_seg]
+    n_slots = s.k_store.shape[1]
+    width = int(s.cap.max()) if s.cap.numel() else 0
+    slots, rows = segment_slots(s.start, width, n_slots)
+    in_seg = torch.arange(width, device=s.k_store.device) < s.cap.long()[..., None]
+    stored, rng = quantize_labels(gather_channels(s.k_store[rows, slots], channels), bits)
+    s.labels[rows[in_seg], slots[in_seg]] = stored[in_seg]
+    if s.label_range is not None:
+        s.label_range[rows[in_seg], slots[in_seg]] = rng[in_seg]
 
 
-def label_append_(
-    labels: Tensor, label_range: Tensor | None, k: Tensor, start: Tensor, length: Tensor, channels: Tensor, bits: int
-) -> None:
+def label_append_(s: LayerTensors, k: Tensor, channels: Tensor, bits: int) -> None:
     """Decode: write the label of the new key k [B, Hkv, 1, D]. Runs after `append_`, which wrote the key at
     slot start + length - 1 of its (non-evicting) segment."""
-    slot = (start.long() + length.long() - 1).clamp_min(0)
+    slot = (s.start.long() + s.length.long() - 1).clamp_min(0)
     rows = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)
     stored, rng = quantize_labels(gather_channels(k, channels)[:, :, 0], bits)
-    labels[rows, slot] = stored
-    if label_range is not None:
-        label_range[rows, slot] = rng
+    s.labels[rows, slot] = stored
+    if s.label_range is not None:
+        s.label_range[rows, slot] = rng
 
 
 # -- decode: approximate scores, top-k, exact attention over the selection ----------------------------------
@@ -115,17 +113,7 @@ def attended_tokens(keep: Tensor, tokens: int, fraction: float) -> Tensor:
 
 
 def approximate_scores(
-    q: Tensor,
-    labels: Tensor,
-    label_range: Tensor | None,
-    pos: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    channels: Tensor,
-    scale: float,
-    bits: int,
-    width: int | None = None,
+    q: Tensor, s: LayerTensors, channels: Tensor, scale: float, bits: int, width: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(score [B, Hkv, L], slots [B, Hkv, L], valid [B, Hkv, L]) over each segment's first L positions, L = `width`
     or else max(length) (read from the device).
@@ -133,13 +121,13 @@ def approximate_scores(
     score = the query group's summed softmax of q[C].label * scale: its approximate attention mass. Invalid
     positions score -inf; the current token (pos == seen - 1) scores +inf so it is always selected.
     """
-    n_kv = start.shape[1]
-    max_len = width if width is not None else int(length.max()) if length.numel() else 0
-    slots, rows = segment_slots(start, max_len, pos.shape[1])
-    p = pos[rows, slots].long()
-    valid = (torch.arange(max_len, device=pos.device) < length.long()[..., None]) & (p >= 0)
-    rng = label_range[rows, slots] if label_range is not None else None
-    lab = dequantize_labels(labels[rows, slots], rng, bits)  # [B, Hkv, L, G, r]
+    n_kv = s.start.shape[1]
+    max_len = width if width is not None else int(s.length.max()) if s.length.numel() else 0
+    slots, rows = segment_slots(s.start, max_len, s.pos.shape[1])
+    p = s.pos[rows, slots].long()
+    valid = (torch.arange(max_len, device=s.pos.device) < s.length.long()[..., None]) & (p >= 0)
+    rng = s.label_range[rows, slots] if s.label_range is not None else None
+    lab = dequantize_labels(s.labels[rows, slots], rng, bits)  # [B, Hkv, L, G, r]
     dt = acc_dtype(q)
     qg = group_queries(q, n_kv)[:, :, :, 0]  # [B, Hkv, G, D]
     index = channels.reshape(1, n_kv, -1, channels.shape[1]).expand(q.shape[0], -1, -1, -1).to(q.device)
@@ -147,7 +135,7 @@ def approximate_scores(
     logits = torch.einsum("bhgr,bhlgr->bhgl", q_lab, lab.to(dt)) * scale
     mass = torch.softmax(logits.masked_fill(~valid[:, :, None], NEG_INF), dim=-1).nan_to_num(0.0).sum(2)
     score = mass.masked_fill(~valid, NEG_INF)
-    score = score.masked_fill(valid & (p == seen - 1), float("inf"))
+    score = score.masked_fill(valid & (p == s.seen - 1), float("inf"))
     return score, slots, valid
 
 
@@ -166,30 +154,17 @@ def select_tokens(
 
 
 def select_without_sync(
-    q: Tensor,
-    pos: Tensor,
-    keep: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    labels: Tensor,
-    label_range: Tensor | None,
-    channels: Tensor,
-    scale: float,
-    tokens: int,
-    fraction: float,
-    bits: int,
+    q: Tensor, s: LayerTensors, channels: Tensor, scale: float, tokens: int, fraction: float, bits: int
 ) -> tuple[Tensor, Tensor]:
     """`sparse_attend`'s selection with static shapes and no host sync (CUDA graphs can capture it): the same chosen
     slots. Segments are scanned up to S / Hkv slots, the equal per-head capacity the doublesparse pass plans; a
     longer segment fails a device-side assertion instead of being cut."""
-    width = pos.shape[1] // start.shape[1]
+    width = s.pos.shape[1] // s.start.shape[1]
     torch._assert_async(
-        (length <= width).all(), "sparse_attend on CUDA needs every segment within S / Hkv slots (equal capacities)"
+        (s.length <= width).all(), "sparse_attend on CUDA needs every segment within S / Hkv slots (equal capacities)"
     )
-    score, slots, valid = approximate_scores(
-        q, labels, label_range, pos, start, length, seen, channels, scale, bits, width
-    )
+    score, slots, valid = approximate_scores(q, s, channels, scale, bits, width)
+    keep = s.keep
     if tokens > 0:
         k, k_bound = torch.full((keep.shape[0],), tokens, dtype=torch.long, device=keep.device), tokens
     else:  # Budget(fraction).resolve on the device: max(1, ceil(fraction * prompt)), bounded by the segment width
@@ -213,26 +188,12 @@ def attend_selected(q: Tensor, k_store: Tensor, v_store: Tensor, slots: Tensor, 
 
 
 def sparse_attend(
-    q: Tensor,
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    keep: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    labels: Tensor,
-    label_range: Tensor | None,
-    channels: Tensor,
-    scale: float,
-    tokens: int,
-    fraction: float,
-    bits: int,
+    q: Tensor, s: LayerTensors, channels: Tensor, scale: float, tokens: int, fraction: float, bits: int
 ) -> Tensor:
     """Decode attention over the top-k tokens of each KV head by label score -> [B, Hq, 1, D]."""
-    score, slots, valid = approximate_scores(q, labels, label_range, pos, start, length, seen, channels, scale, bits)
-    chosen, ok = select_tokens(score, slots, valid, attended_tokens(keep, tokens, fraction))
-    return attend_selected(q, k_store, v_store, chosen, ok, scale)
+    score, slots, valid = approximate_scores(q, s, channels, scale, bits)
+    chosen, ok = select_tokens(score, slots, valid, attended_tokens(s.keep, tokens, fraction))
+    return attend_selected(q, s.k_store, s.v_store, chosen, ok, scale)
 
 
 # The channels reach the ops as a flat int list (a graph constant Inductor accepts), one row of r per query head.

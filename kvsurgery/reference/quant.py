@@ -1,8 +1,9 @@
 """PyTorch reference of the quantized-store ops (the specification): prefill split, decode append, attention.
 
-Layout and policies: `kvsurgery.reference.quant_layout`. The core tensors (k/v/pos/start/cap/length/seen) hold the dense
-(full-precision) region; `keep` keeps the heads' budgets. The packed region's tensors follow, in `QUANT_TENSORS`
-order. Which tokens are kept at all is decided exactly as the unquantized store decides it
+Layout and policies: `kvsurgery.reference.quant_layout`. The ops take the store as one `s: LayerTensors`: its core
+tensors (k_store/v_store/pos/start/cap/length/seen) hold the dense (full-precision) region, `keep` keeps the heads'
+budgets, and the packed region's tensors (`QUANT_TENSORS`: qk_*/qv_* codes and statistics, q_start/q_cap/q_len) follow.
+Which tokens are kept at all is decided exactly as the unquantized store decides it
 (`reference.select_compact_`), so an eviction recipe keeps the same tokens with or without quantization.
 """
 
@@ -15,6 +16,7 @@ from kvsurgery.errors import KVSurgeryError
 from kvsurgery.reference import core as reference
 from kvsurgery.reference.quant_codes import QuantSpec, compute_dtype, pack, quantize_tokens, squeeze_logits, unpack
 from kvsurgery.reference.quant_layout import QuantLayout
+from kvsurgery.store import LayerTensors
 
 NEG_INF = float("-inf")
 
@@ -36,18 +38,25 @@ def kept_positions(
     """Token indices [B, H, W] (position order, -1 past the count) and counts [B, H] the unquantized store keeps
     with budgets `keep`: `reference.select_compact_` run on a scratch store."""
     b = k.shape[0]
-    cap = keep.clone()
-    slots = int(cap.sum(-1).max()) if cap.numel() else 0
-    pos = torch.full((b, slots), -1, dtype=torch.int32, device=k.device)
-    start, length = _exclusive_cumsum(cap), torch.zeros_like(cap)
+    slots = int(keep.sum(-1).max()) if keep.numel() else 0
     scratch_k = k.new_zeros(b, slots, 1)  # only positions are read back: a 1-channel slice of k and v suffices
-    args = (scratch_k, scratch_k.clone(), pos, k.new_zeros(0, dtype=torch.float32), keep.clone(), cap, start, length)
-    seen = torch.zeros((), dtype=torch.int64, device=k.device)
-    reference.select_compact_(*args, seen, k[..., :1], v[..., :1], scores, None, mask, sinks, window)
+    scratch = LayerTensors(
+        k_store=scratch_k,
+        v_store=scratch_k.clone(),
+        pos=torch.full((b, slots), -1, dtype=torch.int32, device=k.device),
+        slot_score=k.new_zeros(0, dtype=torch.float32),
+        keep=keep.clone(),
+        cap=keep.clone(),
+        start=_exclusive_cumsum(keep),
+        length=torch.zeros_like(keep),
+        seen=torch.zeros((), dtype=torch.int64, device=k.device),
+    )
+    reference.select_compact_(scratch, k[..., :1], v[..., :1], scores, None, mask, sinks, window)
+    length = scratch.length
     width = int(length.max()) if length.numel() else 0
-    grid, rows = slot_grid(start, width)
+    grid, rows = slot_grid(scratch.start, width)
     taken = torch.arange(width, device=k.device) < length.long()[..., None]
-    picked = pos[rows, grid.clamp(max=max(slots - 1, 0))].long() if width else grid
+    picked = scratch.pos[rows, grid.clamp(max=max(slots - 1, 0))].long() if width else grid
     return torch.where(taken, picked, -1), length.long()
 
 
@@ -125,24 +134,7 @@ def _check_fits(what: str, needed: Tensor, allocated: int) -> None:
 
 
 def select_quantized_(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    slot_score: Tensor,
-    keep: Tensor,
-    cap: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    qk_codes: Tensor,
-    qk_scale: Tensor,
-    qk_low: Tensor,
-    qv_codes: Tensor,
-    qv_scale: Tensor,
-    qv_low: Tensor,
-    q_start: Tensor,
-    q_cap: Tensor,
-    q_len: Tensor,
+    s: LayerTensors,
     k: Tensor,
     v: Tensor,
     scores: Tensor | None,
@@ -161,10 +153,10 @@ def select_quantized_(
     from the freshly allocated tables (`cap - keep`), so one graph serves any generate() length.
     """
     lay = QuantLayout.parse(layout)
-    room = (cap - keep).long()
+    room = (s.cap - s.keep).long()
     if budgets is not None:
-        keep.copy_(budgets)
-    positions, count = kept_positions(k, v, scores, keep, mask, sinks, window)
+        s.keep.copy_(budgets)
+    positions, count = kept_positions(k, v, scores, s.keep, mask, sinks, window)
     rank = torch.arange(positions.shape[-1], device=k.device)
     n_packed = lay.packed_at_prefill(count)
     if lay.residual or quantize_first is None:
@@ -177,128 +169,69 @@ def select_quantized_(
     packed_pos, dense_pos = _split_in_order(positions, packed)
 
     packed_cap, dense_cap = lay.capacities(count, room)
-    _check_fits("packed", packed_cap.sum(-1), qk_codes.shape[1])
-    _check_fits("full-precision", dense_cap.sum(-1), k_store.shape[1])
-    q_start.copy_(_exclusive_cumsum(packed_cap))
-    q_cap.copy_(packed_cap)
-    q_len.copy_(n_packed)
-    cap.copy_(dense_cap)
-    start.copy_(_exclusive_cumsum(dense_cap))
-    length.copy_(count - n_packed)
+    _check_fits("packed", packed_cap.sum(-1), s.qk_codes.shape[1])
+    _check_fits("full-precision", dense_cap.sum(-1), s.k_store.shape[1])
+    s.q_start.copy_(_exclusive_cumsum(packed_cap))
+    s.q_cap.copy_(packed_cap)
+    s.q_len.copy_(n_packed)
+    s.cap.copy_(dense_cap)
+    s.start.copy_(_exclusive_cumsum(dense_cap))
+    s.length.copy_(count - n_packed)
 
     width = -(-int(n_packed.max()) // lay.align) * lay.align if n_packed.numel() else 0
     if width:
         index = torch.nn.functional.pad(packed_pos[..., :width], (0, max(0, width - packed_pos.shape[-1])), value=-1)
         valid = index >= 0
-        write_packed(qk_codes, qk_scale, qk_low, lay.k, _take(k, index), valid, q_start)
-        write_packed(qv_codes, qv_scale, qv_low, lay.v, _take(v, index), valid, q_start)
+        write_packed(s.qk_codes, s.qk_scale, s.qk_low, lay.k, _take(k, index), valid, s.q_start)
+        write_packed(s.qv_codes, s.qv_scale, s.qv_low, lay.v, _take(v, index), valid, s.q_start)
 
-    pos.fill_(-1)
+    s.pos.fill_(-1)
     n_dense = int((count - n_packed).max()) if count.numel() else 0
     index = dense_pos[..., :n_dense]
     valid = index >= 0
-    slots, rows = slot_grid(start, n_dense)
-    k_store[rows[valid], slots[valid]] = _take(k, index)[valid]
-    v_store[rows[valid], slots[valid]] = _take(v, index)[valid]
-    pos[rows[valid], slots[valid]] = index[valid].to(pos.dtype)
-    seen.fill_(k.shape[2])
+    slots, rows = slot_grid(s.start, n_dense)
+    s.k_store[rows[valid], slots[valid]] = _take(k, index)[valid]
+    s.v_store[rows[valid], slots[valid]] = _take(v, index)[valid]
+    s.pos[rows[valid], slots[valid]] = index[valid].to(s.pos.dtype)
+    s.seen.fill_(k.shape[2])
 
 
-def flush_residual_(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    start: Tensor,
-    length: Tensor,
-    qk_codes: Tensor,
-    qk_scale: Tensor,
-    qk_low: Tensor,
-    qv_codes: Tensor,
-    qv_scale: Tensor,
-    qv_low: Tensor,
-    q_start: Tensor,
-    q_cap: Tensor,
-    q_len: Tensor,
-    lay: QuantLayout,
-) -> None:
+def flush_residual_(s: LayerTensors, lay: QuantLayout) -> None:
     """KIVI: every head whose dense residual is full quantizes its oldest `flush` tokens (one group) into the packed
     region and moves the remaining ones to the front of its segment."""
-    full = length >= lay.residual
+    full = s.length >= lay.residual
     if not bool(full.any()):
         return
     g, r = lay.flush, lay.residual
-    if bool((q_len + g > q_cap)[full].any()):
+    if bool((s.q_len + g > s.q_cap)[full].any()):
         raise KVSurgeryError("internal: a quantized store's packed region is full; its plan undercounted decode room")
-    slots, rows = slot_grid(start, r)
+    slots, rows = slot_grid(s.start, r)
     oldest = full[..., None].expand(*full.shape, g)
-    offset = q_start + q_len
-    first = slots[..., :g].clamp(max=k_store.shape[1] - 1)  # heads that do not flush may end before r
-    write_packed(qk_codes, qk_scale, qk_low, lay.k, k_store[rows[..., :g], first], oldest, offset)
-    write_packed(qv_codes, qv_scale, qv_low, lay.v, v_store[rows[..., :g], first], oldest, offset)
-    q_len.add_(full.to(q_len.dtype) * g)
+    offset = s.q_start + s.q_len
+    first = slots[..., :g].clamp(max=s.k_store.shape[1] - 1)  # heads that do not flush may end before r
+    write_packed(s.qk_codes, s.qk_scale, s.qk_low, lay.k, s.k_store[rows[..., :g], first], oldest, offset)
+    write_packed(s.qv_codes, s.qv_scale, s.qv_low, lay.v, s.v_store[rows[..., :g], first], oldest, offset)
+    s.q_len.add_(full.to(s.q_len.dtype) * g)
     src, dst = slots[..., g:][full], slots[..., : r - g][full]
     row = rows[..., g:][full]
-    for tensor in (k_store, v_store, pos):
+    for tensor in (s.k_store, s.v_store, s.pos):
         tensor[row, dst] = tensor[row, src]
     freed = slots[..., r - g :][full]
-    pos[rows[..., r - g :][full], freed] = -1
-    length.sub_(full.to(length.dtype) * g)
+    s.pos[rows[..., r - g :][full], freed] = -1
+    s.length.sub_(full.to(s.length.dtype) * g)
 
 
-def append_quantized_(
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    slot_score: Tensor,
-    keep: Tensor,
-    cap: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    qk_codes: Tensor,
-    qk_scale: Tensor,
-    qk_low: Tensor,
-    qv_codes: Tensor,
-    qv_scale: Tensor,
-    qv_low: Tensor,
-    q_start: Tensor,
-    q_cap: Tensor,
-    q_len: Tensor,
-    k: Tensor,
-    v: Tensor,
-    layout: str,
-) -> None:
+def append_quantized_(s: LayerTensors, k: Tensor, v: Tensor, layout: str) -> None:
     """Decode: (KIVI) flush full residuals, then append the new token to the dense region of every head."""
     lay = QuantLayout.parse(layout)
     if lay.residual:
-        quant = (qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_cap, q_len)
-        flush_residual_(k_store, v_store, pos, start, length, *quant, lay)
-    if bool((length >= cap).any()):
+        flush_residual_(s, lay)
+    if bool((s.length >= s.cap).any()):
         raise KVSurgeryError("internal: a quantized store's full-precision region is full; its plan undercounted room")
-    core = (k_store, v_store, pos, slot_score, keep, cap, start, length, seen)
-    reference.append_(*core, k, v, 0, 0, False, False, "position")
+    reference.append_(s, k, v, 0, 0, False, False, "position")
 
 
-def attend_quantized(
-    q: Tensor,
-    k_store: Tensor,
-    v_store: Tensor,
-    pos: Tensor,
-    start: Tensor,
-    length: Tensor,
-    seen: Tensor,
-    qk_codes: Tensor,
-    qk_scale: Tensor,
-    qk_low: Tensor,
-    qv_codes: Tensor,
-    qv_scale: Tensor,
-    qv_low: Tensor,
-    q_start: Tensor,
-    q_len: Tensor,
-    scale: float,
-    layout: str,
-    squeeze: float,
-) -> Tensor:
+def attend_quantized(q: Tensor, s: LayerTensors, scale: float, layout: str, squeeze: float) -> Tensor:
     """Decode attention of one query per head over the packed and the dense tokens -> [B, Hq, 1, D].
 
     Packed keys and values are dequantized (x̂ = code * scale + lo); the packed tokens' logits are squeezed by
@@ -306,16 +239,16 @@ def attend_quantized(
     """
     lay = QuantLayout.parse(layout)
     b, hq, _, d = q.shape
-    n_kv = start.shape[1]
+    n_kv = s.start.shape[1]
     dt = compute_dtype(q)
     qg = q.reshape(b, n_kv, hq // n_kv, d).to(dt)
-    keys, values, ok, _, _ = reference.gather_segments(k_store, v_store, pos, start, length, seen, 0)
+    keys, values, ok, _, _ = reference.gather_segments(s, 0)
     dense = torch.einsum("bhgd,bhld->bhgl", qg, keys.to(dt)) * scale
     dense = dense.masked_fill(~ok[:, :, None], NEG_INF)
-    width = int(q_len.max()) if q_len.numel() else 0
-    packed_ok = torch.arange(width, device=q.device) < q_len.long()[..., None]
-    k_hat = read_packed(qk_codes, qk_scale, qk_low, lay.k, q_start, width, dt)
-    v_hat = read_packed(qv_codes, qv_scale, qv_low, lay.v, q_start, width, dt)
+    width = int(s.q_len.max()) if s.q_len.numel() else 0
+    packed_ok = torch.arange(width, device=q.device) < s.q_len.long()[..., None]
+    k_hat = read_packed(s.qk_codes, s.qk_scale, s.qk_low, lay.k, s.q_start, width, dt)
+    v_hat = read_packed(s.qv_codes, s.qv_scale, s.qv_low, lay.v, s.q_start, width, dt)
     packed = torch.einsum("bhgd,bhld->bhgl", qg, k_hat) * scale
     packed = squeeze_logits(packed, packed_ok[:, :, None], squeeze).masked_fill(~packed_ok[:, :, None], NEG_INF)
     probs = torch.softmax(torch.cat([packed, dense], -1), dim=-1).nan_to_num(0.0)

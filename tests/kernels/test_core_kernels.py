@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from kvsurgery.kernels import append, decode_attention
 from kvsurgery.kernels import split_kv_attention as attention_module
 from kvsurgery.reference import core as ref
+from kvsurgery.store import LayerTensors
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1 (conftest)")
@@ -99,12 +100,11 @@ def poisoned_workspace():
 
 def reference_attention(t: dict, scale: float, window: int, score: torch.Tensor | None = None):
     as64 = {name: x.double() if x.is_floating_point() else x for name, x in t.items()}
-    args = [as64[n] for n in ("q", "k_store", "v_store", "pos")]
-    tables = [as64[n] for n in ("start", "length", "seen")]
+    q = as64.pop("q")
     if score is None:
-        return ref.attend(*args, *tables, scale, window), None
+        return ref.attend(q, LayerTensors(**as64), scale, window), None
     score = score.clone()
-    return ref.attend_accumulate_(*args, score, *tables, scale, window), score
+    return ref.attend_accumulate_(q, LayerTensors(**as64, slot_score=score), scale, window), score
 
 
 def check_attention(c: StoreCase, dtype, device, accumulate: bool, n_splits, block_n, tol):
@@ -112,8 +112,9 @@ def check_attention(c: StoreCase, dtype, device, accumulate: bool, n_splits, blo
     scale = c.d**-0.5
     expected, expected_score = reference_attention(t, scale, c.window, score if accumulate else None)
     got_score = score.clone() if accumulate else None
+    store = LayerTensors(**{n: x for n, x in t.items() if n != "q"}, slot_score=got_score)
     with poisoned_workspace():
-        out = decode_attention(*t.values(), scale, c.window, slot_score=got_score, n_splits=n_splits, block_n=block_n)
+        out = decode_attention(t["q"], store, scale, c.window, accumulate, n_splits=n_splits, block_n=block_n)
     assert out.shape == t["q"].shape and out.dtype == dtype
     assert not out.isnan().any(), "every output element is written"
     err = (out.double() - expected.to(out.device)).norm() / expected.norm().clamp_min(1e-30)
@@ -137,7 +138,8 @@ def test_empty_segments_give_zero_output_like_the_reference():
     c = StoreCase(1, 2, 2, 4, (2, 3), ((0, 0),), False, 3, 0, 2, 4, 1)
     t, _ = build_store(c, torch.float32, "cpu")
     with poisoned_workspace():
-        out = decode_attention(*t.values(), 0.5, 0, n_splits=2, block_n=4)
+        q = t.pop("q")
+        out = decode_attention(q, LayerTensors(**t), 0.5, 0, n_splits=2, block_n=4)
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -191,8 +193,8 @@ def check_append(c: AppendCase, dtype, device):
     n_kv = len(c.keep)
     k = torch.randn(c.batch, n_kv, c.t, c.d, generator=g).to(dtype)
     scores = torch.rand(c.batch, n_kv, c.t, generator=g)
-    ref.select_compact_(*expected.tensors(), k, k, scores, None, None, c.sinks, c.window)
-    got = [x.clone().to(device) for x in expected.tensors()]
+    ref.select_compact_(expected.named(), k, k, scores, None, None, c.sinks, c.window)
+    got = expected.named().map(lambda x: x.clone().to(device))
     for _ in range(c.steps):
         k_new = torch.randn(c.batch, n_kv, 1, c.d, generator=g).to(dtype)
         v_new = torch.randn(c.batch, n_kv, 1, c.d, generator=g).to(dtype)
@@ -202,25 +204,11 @@ def check_append(c: AppendCase, dtype, device):
                 expected.slot_score.copy_((bump * 2).floor())
             else:
                 expected.slot_score.add_(bump)
-            got[3].copy_(expected.slot_score)
+            got.slot_score.copy_(expected.slot_score)
         policy = (c.sinks, c.window, c.evict, c.by_score, c.score_new)
-        ref.append_(*expected.tensors(), k_new, v_new, *policy)
-        k_store, v_store, pos, slot_score, _, cap, start, length, seen = got
-        append(
-            k_store,
-            v_store,
-            pos,
-            slot_score,
-            cap,
-            start,
-            length,
-            seen,
-            k_new.to(device),
-            v_new.to(device),
-            *policy,
-            block=c.block,
-        )
-    for name, want, have in zip(plan.tensor_names, expected.tensors(), got, strict=True):
+        ref.append_(expected.named(), k_new, v_new, *policy)
+        append(got, k_new.to(device), v_new.to(device), *policy, block=c.block)
+    for name, want, have in zip(plan.tensor_names, expected.tensors(), got.take(plan.tensor_names), strict=True):
         assert torch.equal(want, have.cpu()), f"{name} differs from the reference"
 
 

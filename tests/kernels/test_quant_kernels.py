@@ -20,7 +20,7 @@ from kvsurgery.reference import doublesparse as sa
 from kvsurgery.reference import quant as qref
 from kvsurgery.reference.quant_codes import QuantSpec
 from kvsurgery.reference.quant_layout import QuantLayout
-from kvsurgery.store import QUANT_TENSORS
+from kvsurgery.store import LABEL_TENSORS, QUANT_TENSORS, LayerTensors
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1 (conftest)")
@@ -148,18 +148,17 @@ def build_quant_store(c: QuantCase, dtype: torch.dtype, device: str) -> dict:
 
 def reference_quant_attention(t: dict, scale: float, layout: str, squeeze: float) -> torch.Tensor:
     as64 = {n: x.cpu().double() if x.is_floating_point() else x.cpu() for n, x in t.items()}
-    return qref.attend_quantized(*as64.values(), scale, layout, squeeze)
+    q = as64.pop("q")
+    return qref.attend_quantized(q, LayerTensors(**as64), scale, layout, squeeze)
 
 
 def check_quant_attention(c: QuantCase, dtype, device, n_splits, block_n, tol):
     t = build_quant_store(c, dtype, device)
     scale = c.d**-0.5
     expected = reference_quant_attention(t, scale, c.layout.text(), c.squeeze)
-    args = {n: x for n, x in t.items() if n != "seen"}
+    store = LayerTensors(**{n: x for n, x in t.items() if n not in ("q", "seen")})  # the kernel reads no `seen`
     with poisoned(quant_module):
-        out = quantized_decode_attention(
-            *args.values(), scale, c.layout.text(), c.squeeze, n_splits=n_splits, block_n=block_n
-        )
+        out = quantized_decode_attention(t["q"], store, scale, c.layout.text(), c.squeeze, n_splits, block_n)
     assert out.shape == t["q"].shape and out.dtype == dtype
     assert not out.isnan().any(), "every output element is written"
     err = relative_error(out, expected)
@@ -226,22 +225,16 @@ def test_quantized_attention_over_a_store_the_quant_ops_wrote(recipe_layout):
     g = torch.Generator().manual_seed(11)
     k, v = (torch.randn(batch, n_kv, t_len, d, generator=g) for _ in range(2))
     scores = torch.rand(batch, n_kv, t_len, generator=g)
-    qref.select_quantized_(*layer.tensors(), k, v, scores, None, None, None, 1, 2, lay.text())
+    qref.select_quantized_(layer.named(), k, v, scores, None, None, None, 1, 2, lay.text())
     squeeze = 0.0 if recipe_layout == "kivi" else 3.0
     for _ in range(6):  # KIVI flushes its residual during these steps
         k_new, v_new = (torch.randn(batch, n_kv, 1, d, generator=g) for _ in range(2))
-        qref.append_quantized_(*layer.tensors(), k_new, v_new, lay.text())
+        qref.append_quantized_(layer.named(), k_new, v_new, lay.text())
         q = torch.randn(batch, n_kv * group, 1, d, generator=g)
-        p = layer.planes
-        dense = (layer.k, layer.v, layer.pos, layer.start, layer.length)
-        packed = tuple(p[n] for n in ("qk_codes", "qk_scale", "qk_low", "qv_codes", "qv_scale", "qv_low"))
-        tables = (p["q_start"], p["q_len"])
-        wide = [x.double() if x.is_floating_point() else x for x in (q, *dense, layer.seen, *packed, *tables)]
-        expected = qref.attend_quantized(*wide, 0.25, lay.text(), squeeze)
+        wide = layer.named().map(lambda x: x.double() if x.is_floating_point() else x)
+        expected = qref.attend_quantized(q.double(), wide, 0.25, lay.text(), squeeze)
         with poisoned(quant_module):
-            out = quantized_decode_attention(
-                q, *dense, *packed, *tables, 0.25, lay.text(), squeeze, n_splits=2, block_n=4
-            )
+            out = quantized_decode_attention(q, layer.named(), 0.25, lay.text(), squeeze, n_splits=2, block_n=4)
         assert relative_error(out, expected) <= 1e-5
     assert int(layer.planes["q_len"].min()) > 0, "the store holds packed tokens"
 
@@ -266,7 +259,7 @@ def quant_store_after_prefill(lay: QuantLayout, seed: int, batch=2, n_kv=3, d=16
     layer = StoreLayer(plan, batch, torch.float32, torch.device("cpu"))
     k, v = (torch.randn(batch, n_kv, t, d, generator=g) for _ in range(2))
     scores = torch.rand(batch, n_kv, t, generator=g)
-    qref.select_quantized_(*layer.tensors(), k, v, scores, None, None, None, 1, 2, lay.text())
+    qref.select_quantized_(layer.named(), k, v, scores, None, None, None, 1, 2, lay.text())
     return layer, g
 
 
@@ -284,12 +277,13 @@ def test_sync_free_append_equals_the_reference_bit_for_bit(seed, bits, group, gr
         QuantSpec(bits, "channel", group), QuantSpec(bits, "token", group), residual=group * groups_in_residual
     )
     expected, g = quant_store_after_prefill(lay, seed)
-    got = [t.clone() for t in expected.tensors()]
+    got = expected.named().map(torch.clone)
     for _ in range(steps):
         k_new, v_new = (torch.randn(2, 3, 1, 16, generator=g) for _ in range(2))
-        qref.append_quantized_(*expected.tensors(), k_new, v_new, lay.text())
-        append_quantized_without_sync(*got, k_new, v_new, lay.text())
-    for name, want, have in zip(expected.plan.tensor_names, expected.tensors(), got, strict=True):
+        qref.append_quantized_(expected.named(), k_new, v_new, lay.text())
+        append_quantized_without_sync(got, k_new, v_new, lay.text())
+    names = expected.plan.tensor_names
+    for name, want, have in zip(names, expected.tensors(), got.take(names), strict=True):
         assert torch.equal(want, have), f"{name} differs from the reference"
 
 
@@ -299,13 +293,13 @@ def test_sync_free_append_never_reads_device_values_on_the_host():
 
     lay = QuantLayout(QuantSpec(2, "channel", 4), QuantSpec(2, "token", 4), residual=8)
     layer, _ = quant_store_after_prefill(lay, 3)
-    named = dict(zip(layer.plan.tensor_names, layer.tensors(), strict=True))
     names = ("k_store", "v_store", "pos", "start", "length", *QUANT_TENSORS)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        tensors = [mode.from_tensor(named[n]) for n in names]
-        flush_residual_without_sync(*tensors, lay)
+        store = layer.named()
+        fake = LayerTensors(**{n: mode.from_tensor(t) for n, t in zip(names, store.take(names), strict=True)})
+        flush_residual_without_sync(fake, lay)
         with pytest.raises(DataDependentOutputException):
-            qref.flush_residual_(*tensors, lay)  # the reference syncs (it runs on CPU)
+            qref.flush_residual_(fake, lay)  # the reference syncs (it runs on CPU)
 
 
 # -- Double Sparsity: top-k gather attention -------------------------------------------------------------------
@@ -390,11 +384,23 @@ def sparse_store(seed: int, bits: int):
     label_dtype = torch.bfloat16 if bits == 16 else torch.uint8
     labels = torch.zeros(batch, slots, group, sa.label_width(r, bits), dtype=label_dtype)
     label_range = None if bits == 16 else torch.zeros(batch, slots, group, 2, dtype=torch.float16)
-    sa.label_fill_(labels, label_range, k_store, start, cap, channels, bits)
-    q = torch.randn(batch, n_kv * group, 1, d, generator=g)
     keep = (cap - 1).clamp_min(1)  # the rows' prompt lengths
     seen = torch.tensor(int(length.max()))
-    return (q, k_store, v_store, pos, keep, start, length, seen, labels, label_range, channels)
+    store = LayerTensors(
+        k_store=k_store,
+        v_store=v_store,
+        pos=pos,
+        keep=keep,
+        cap=cap,
+        start=start,
+        length=length,
+        seen=seen,
+        labels=labels,
+        label_range=label_range,
+    )
+    sa.label_fill_(store, channels, bits)
+    q = torch.randn(batch, n_kv * group, 1, d, generator=g)
+    return q, store, channels
 
 
 @cpu_interpreter
@@ -408,22 +414,20 @@ def sparse_store(seed: int, bits: int):
 def test_sparse_attend_kernel_path_matches_the_reference_op(seed, bits, tokens, fraction):
     """The CUDA implementation (sync-free selection + gather kernel), run on CPU: the reference op's picks and
     output, for token counts and fractions of each row's prompt."""
-    args = sparse_store(seed, bits)
-    q, _, _, pos, keep, start, length, seen, labels, label_range, channels = args
+    q, store, channels = sparse_store(seed, bits)
     budget = (0.25, tokens, 0.0 if tokens else fraction, bits)
-    as_op = (*args[:-1], channels.flatten().tolist(), *budget)
+    op_store = store.take(("k_store", "v_store", "pos", "keep", "start", "length", "seen", *LABEL_TENSORS))
+    as_op = (q, *op_store, channels.flatten().tolist(), *budget)
     expected = torch.ops.kvsurgery.sparse_attend(*as_op)  # CPU: the reference (fp32, the same picks)
     with poisoned(gather_module):
-        out = sparse_attend_kernel(*as_op)
+        out = sparse_attend_kernel(q, store, channels.flatten().tolist(), *budget)
     assert relative_error(out, expected) <= 1e-5
 
-    score, slots, valid = sa.approximate_scores(q, labels, label_range, pos, start, length, seen, channels, 0.25, bits)
-    ref_slots, ref_ok = sa.select_tokens(score, slots, valid, sa.attended_tokens(keep, tokens, budget[2]))
-    got_slots, got_ok = sa.select_without_sync(
-        q, pos, keep, start, length, seen, labels, label_range, channels, *budget
-    )
+    score, slots, valid = sa.approximate_scores(q, store, channels, 0.25, bits)
+    ref_slots, ref_ok = sa.select_tokens(score, slots, valid, sa.attended_tokens(store.keep, tokens, budget[2]))
+    got_slots, got_ok = sa.select_without_sync(q, store, channels, *budget)
     for b in range(q.shape[0]):
-        for h in range(start.shape[1]):
+        for h in range(store.start.shape[1]):
             assert got_slots[b, h][got_ok[b, h]].tolist() == ref_slots[b, h][ref_ok[b, h]].tolist()
 
 
@@ -432,14 +436,15 @@ def test_sparse_selection_never_reads_device_values_on_the_host():
     selection has none, so CUDA graphs can capture it."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-    q, _, _, pos, keep, start, length, seen, labels, label_range, channels = sparse_store(0, 4)
+    q, store, channels = sparse_store(0, 4)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(t) for t in (q, pos, keep, start, length, seen, labels, label_range, channels)]
+        fake = store.map(mode.from_tensor)
+        fake_q, fake_channels = mode.from_tensor(q), mode.from_tensor(channels)
         for tokens, fraction in ((3, 0.0), (0, 0.5)):
-            slots, ok = sa.select_without_sync(*fake, 0.25, tokens, fraction, 4)
+            slots, ok = sa.select_without_sync(fake_q, fake, fake_channels, 0.25, tokens, fraction, 4)
             assert slots.shape == ok.shape == (2, 2, 3 if tokens else 7)
         with pytest.raises(DataDependentOutputException, match="_local_scalar_dense"):
-            sa.attended_tokens(fake[2], 0, 0.5)  # the reference's selection does sync (it runs on CPU)
+            sa.attended_tokens(fake.keep, 0, 0.5)  # the reference's selection does sync (it runs on CPU)
 
 
 # -- CUDA: bf16, real launch shapes, through the ops ----------------------------------------------------------

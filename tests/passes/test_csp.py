@@ -113,7 +113,7 @@ def test_selection_has_no_duplicates_and_respects_the_self_and_cross_budgets(c):
     layer = StoreLayer(plan, c["batch"], torch.float64, torch.device("cpu"))
     keep = layer.keep
     prio = cm.csp_priority(q, k, mask, vis, keep, 0.5, c["window"], c["cross_ratio"], c["n"])
-    ref.select_compact_(*layer.tensors(), k, v, prio, None, mask, 0, c["window"])
+    ref.select_compact_(layer.named(), k, v, prio, None, mask, 0, c["window"])
     for b in range(c["batch"]):
         for h in range(c["n_kv"]):
             start, n = int(layer.start[b, h]), int(layer.length[b, h])

@@ -73,9 +73,8 @@ def _store(c: Case, dtype=torch.float64):
     layer = StoreLayer(plan, c.batch, dtype, torch.device("cpu"))
     valid = torch.arange(c.t)[None, :] >= torch.tensor(c.pads)[:, None]
     mask = (torch.ones(c.t, c.t, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
-    ref.select_compact_(*layer.tensors()[:9], k, v, None, None, mask, 0, 0)
-    label_range = layer.planes.get("label_range")
-    sa.label_fill_(layer.planes["labels"], label_range, layer.k, layer.start, layer.cap, channels, c.bits)
+    ref.select_compact_(layer.named(), k, v, None, None, mask, 0, 0)
+    sa.label_fill_(layer.named(), channels, c.bits)
     return layer, channels, g
 
 
@@ -117,10 +116,8 @@ def test_prefill_fill_and_decode_append_write_each_tokens_label(c):
                 assert torch.equal(_labels_of(layer, c.bits, b, slot), expected)
     before = layer.planes["labels"].clone()
     k_new = torch.randn(c.batch, c.n_kv, 1, c.d, generator=g, dtype=torch.float64)
-    ref.append_(*layer.tensors()[:9], k_new, k_new, 0, 0, False, False, "position")
-    sa.label_append_(
-        layer.planes["labels"], layer.planes.get("label_range"), k_new, layer.start, layer.length, channels, c.bits
-    )
+    ref.append_(layer.named(), k_new, k_new, 0, 0, False, False, "position")
+    sa.label_append_(layer.named(), k_new, channels, c.bits)
     changed = (layer.planes["labels"] != before).flatten(2).any(-1)
     for b in range(c.batch):
         for h in range(c.n_kv):
@@ -158,13 +155,11 @@ def _brute_force_scores(q, layer, channels, c: Case, scale: float) -> dict:
 def test_topk_selection_is_the_exact_topk_of_the_approximate_scores(c, k):
     layer, channels, g = _store(c)
     k_new = torch.randn(c.batch, c.n_kv, 1, c.d, generator=g, dtype=torch.float64)
-    ref.append_(*layer.tensors()[:9], k_new, k_new, 0, 0, False, False, "position")
-    lr = layer.planes.get("label_range")
-    sa.label_append_(layer.planes["labels"], lr, k_new, layer.start, layer.length, channels, c.bits)
+    ref.append_(layer.named(), k_new, k_new, 0, 0, False, False, "position")
+    sa.label_append_(layer.named(), k_new, channels, c.bits)
     q = torch.randn(c.batch, c.n_kv * c.group, 1, c.d, generator=g, dtype=torch.float64)
     scale = c.d**-0.5
-    args = (q, layer.planes["labels"], lr, layer.pos, layer.start, layer.length, layer.seen, channels, scale, c.bits)
-    score, slots, valid = sa.approximate_scores(*args)
+    score, slots, valid = sa.approximate_scores(q, layer.named(), channels, scale, c.bits)
     chosen, ok = sa.select_tokens(score, slots, valid, torch.full((c.batch,), k))
     brute = _brute_force_scores(q, layer, channels, c, scale)
     for (b, h), mass in brute.items():
@@ -194,11 +189,8 @@ def test_attention_on_the_selection_equals_float64_dense_attention_restricted_to
     keys, values = layer.k[rows, slots], layer.v[rows, slots]
     dense = ref.dense_attention(q, keys, values, ok[:, :, None], 0.3)
     assert torch.allclose(out, dense, atol=1e-12, rtol=0)
-    everything = sa.sparse_attend(
-        q, layer.k, layer.v, layer.pos, layer.keep, layer.start, layer.length, layer.seen,
-        layer.planes["labels"], layer.planes.get("label_range"), channels, 0.3, c.t + 1, 0.0, c.bits,
-    )  # fmt: skip
-    dense_store = ref.attend(q, layer.k, layer.v, layer.pos, layer.start, layer.length, layer.seen, 0.3, 0)
+    everything = sa.sparse_attend(q, layer.named(), channels, 0.3, c.t + 1, 0.0, c.bits)
+    dense_store = ref.attend(q, layer.named(), 0.3, 0)
     assert torch.allclose(everything, dense_store, atol=1e-12, rtol=0), "k >= cached tokens is dense attention"
 
 

@@ -111,7 +111,7 @@ def test_anchor_eviction_matches_the_list_oracle_and_keeps_one_minus_ratio(t, ra
     for _ in range(steps):
         n_seen = int(layer.seen)
         k_new = torch.full((batch, n_kv, 1, 4), float(n_seen), dtype=torch.float64)
-        pref.append_anchor_(*layer.tensors(), k_new, k_new.clone(), ratio, distance)
+        pref.append_anchor_(layer.named(), k_new, k_new.clone(), ratio, distance)
         for b in range(batch):
             n = n_seen + 1 - pads[b]
             cache = oracles[b]

@@ -62,7 +62,7 @@ def _prefill(c: Case, dtype=torch.float64):
     plan = LayerPlan(0, tuple(c.keep), c.room, False, c.d, c.d)
     layer = StoreLayer(plan, c.batch, dtype, torch.device("cpu"))
     mask = _padding_mask(c.pads, c.t)
-    ref.select_compact_(*layer.tensors(), k, v, scores, None, mask, c.sinks, c.window)
+    ref.select_compact_(layer.named(), k, v, scores, None, mask, c.sinks, c.window)
     return layer, k, v, scores, mask
 
 
@@ -119,8 +119,8 @@ def test_decode_attention_equals_dense_attention_on_the_kept_tokens(c, seed):
     for b in range(c.batch):
         for h in range(c.n_kv):
             allowed[b, h, 0, [*_kept(layer, b, h), c.t]] = True
-    ref.append_(*layer.tensors(), k_new, v_new, 0, 0, False, False, "position")
-    out = ref.attend(q, layer.k, layer.v, layer.pos, layer.start, layer.length, layer.seen, 0.3, 0)
+    ref.append_(layer.named(), k_new, v_new, 0, 0, False, False, "position")
+    out = ref.attend(q, layer.named(), 0.3, 0)
     expected = ref.dense_attention(q, torch.cat([k, k_new], 2), torch.cat([v, v_new], 2), allowed, 0.3)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
@@ -134,7 +134,7 @@ def test_eviction_keeps_capacity_sinks_and_evicts_oldest_first(c, steps):
     g = torch.Generator().manual_seed(c.seed)
     for step in range(steps):
         k_new = torch.randn(c.batch, c.n_kv, 1, c.d, generator=g, dtype=torch.float64)
-        ref.append_(*layer.tensors(), k_new, k_new, c.sinks, 0, True, False, "position")
+        ref.append_(layer.named(), k_new, k_new, c.sinks, 0, True, False, "position")
         for row in entered:
             for tokens in row:
                 tokens.append(c.t + step)

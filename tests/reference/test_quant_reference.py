@@ -89,13 +89,13 @@ def _inputs(c: Case, dtype=torch.float64):
 
 def prefill(c: Case, layer: StoreLayer, k, v, scores, mask, budgets=None, quantize_first=None) -> None:
     args = (k, v, scores, budgets, mask, quantize_first, c.sinks, c.window, c.layout.text())
-    qref.select_quantized_(*layer.tensors(), *args)
+    qref.select_quantized_(layer.named(), *args)
 
 
 def unquantized_kept(c: Case, k, v, scores, mask, keep=None) -> list[list[list[int]]]:
     plan = LayerPlan(0, tuple(keep or c.keep), 0, False, D, D)
     layer = StoreLayer(plan, c.batch, k.dtype, torch.device("cpu"))
-    ref.select_compact_(*layer.tensors(), k, v, scores, None, mask, c.sinks, c.window)
+    ref.select_compact_(layer.named(), k, v, scores, None, mask, c.sinks, c.window)
     return [[_segment(layer.pos, layer.start, layer.length, b, h) for h in range(c.n_kv)] for b in range(c.batch)]
 
 
@@ -184,11 +184,8 @@ def test_attention_equals_float64_attention_over_the_dequantized_tokens(c, seed,
     q = torch.randn(c.batch, c.n_kv * c.group, 1, D, generator=g, dtype=torch.float64)
     k_new = torch.randn(c.batch, c.n_kv, 1, D, generator=g, dtype=torch.float64)
     v_new = torch.randn(c.batch, c.n_kv, 1, D, generator=g, dtype=torch.float64)
-    qref.append_quantized_(*layer.tensors(), k_new, v_new, c.layout.text())
-    p = layer.planes
-    packed = (p["qk_codes"], p["qk_scale"], p["qk_low"], p["qv_codes"], p["qv_scale"], p["qv_low"])
-    dense = (layer.k, layer.v, layer.pos, layer.start, layer.length, layer.seen)
-    out = qref.attend_quantized(q, *dense, *packed, p["q_start"], p["q_len"], 0.3, c.layout.text(), squeeze)
+    qref.append_quantized_(layer.named(), k_new, v_new, c.layout.text())
+    out = qref.attend_quantized(q, layer.named(), 0.3, c.layout.text(), squeeze)
     for b in range(c.batch):
         for h in range(c.n_kv):
             k_hat, v_hat = packed_tokens(layer, c.layout, b, h)
@@ -218,7 +215,7 @@ def test_kivi_residual_flushes_whole_groups_and_never_exceeds_r(c, steps):
         before = layer.length.clone()
         q_before = layer.planes["q_len"].clone()
         k_new = torch.randn(c.batch, c.n_kv, 1, D, generator=g, dtype=torch.float64)
-        qref.append_quantized_(*layer.tensors(), k_new, k_new, lay.text())
+        qref.append_quantized_(layer.named(), k_new, k_new, lay.text())
         flushed = layer.planes["q_len"] - q_before
         assert torch.equal(flushed, torch.where(before == 8, 4, 0).to(flushed.dtype)), "flush exactly when full"
         assert bool((layer.length <= 8).all()) and bool((layer.planes["q_len"] % 4 == 0).all())
