@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 
@@ -193,9 +194,26 @@ def image_prompt(model: torch.nn.Module, before: int = 6, after: int = 20, seed:
     }
 
 
+def _trim_heap() -> None:
+    """With glibc, hand the heap's free pages back to the OS; elsewhere nothing."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def collect_garbage(rounds: int = 8) -> None:
+    """Collect until a collection finds nothing: finalizers run by one (a deleted model's surgery releasing its
+    compiled state) free more for the next."""
+    for _ in range(rounds):
+        if not gc.collect():
+            return
+
+
 def resident_mib() -> float:
-    """This process's resident memory (RSS) in MiB after a full garbage collection; Linux (/proc) only."""
-    gc.collect()
+    """This process's resident memory (RSS) in MiB after collecting all garbage and, with glibc, after handing
+    the heap's free pages back to the OS (so RSS counts what is live, not what malloc keeps); Linux (/proc) only."""
+    collect_garbage()
+    _trim_heap()
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
