@@ -10,32 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from kvsurgery.kernels.append_evict import append
 from kvsurgery.kernels.doublesparse_gather import gather_attention
 from kvsurgery.kernels.quant_append import append_quantized_without_sync
 from kvsurgery.kernels.quant_attention import quantized_decode_attention
-from kvsurgery.kernels.snapkv_window import window_attention_mass
+from kvsurgery.kernels.snapkv_window import score_window, window_attention_mass
 from kvsurgery.kernels.split_kv_attention import decode_attention, decode_attention_accumulate
-from kvsurgery.reference import core as reference
 from kvsurgery.reference import doublesparse as ds
 from kvsurgery.store import LayerTensors
-
-
-def score_window(q: Tensor, k: Tensor, mask: Tensor | None, scale, window, kernel, pool) -> Tensor:
-    """SnapKV window scores: the Triton reduction over the last `window` queries, then the reference's pooling."""
-    b, _, t, _ = q.shape
-    w = min(window, t)
-    if w == 0:  # no observation window: the reference's (degenerate) result
-        return reference.window_scores(q, k, mask, scale, window, kernel, pool)
-    if mask is None:  # causal, built on the device
-        keys = torch.arange(t, device=q.device)
-        allowed = (keys[None, :] <= keys[t - w :, None]).expand(b, -1, -1)
-    else:
-        allowed = reference.allowed_keys(mask, t - w, t, t, b)
-    return reference.pool_prefix(window_attention_mass(q, k, allowed, scale), w, kernel, pool)
 
 
 def sparse_attend(

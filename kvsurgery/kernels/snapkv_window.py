@@ -1,5 +1,5 @@
 """Triton prefill scoring reduction of SnapKV: the attention each key receives from the last `window` queries,
-averaged over them and the GQA group (`kvsurgery.reference.core.window_scores` before its pooling).
+averaged over them and the GQA group (`kvsurgery.reference.snapkv.window_scores` before its pooling).
 
 The R = G * window query rows of a (row, KV head) attend to all T keys. Three launches, none of which
 materializes the [R, T] probabilities:
@@ -19,6 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kvsurgery.kernels.split_kv_attention import LOG2E, pow2
+from kvsurgery.reference import snapkv
+from kvsurgery.reference.core import allowed_keys
 
 
 @triton.jit
@@ -216,3 +218,17 @@ def window_attention_mass(
         q, k, allowed, m, den, out, qk_scale, n_kv, t, w, *strides, **consts
     )
     return out
+
+
+def score_window(q: Tensor, k: Tensor, mask: Tensor | None, scale, window, kernel, pool) -> Tensor:
+    """SnapKV window scores: the Triton reduction over the last `window` queries, then the reference's pooling."""
+    b, _, t, _ = q.shape
+    w = min(window, t)
+    if w == 0:  # no observation window: the reference's (degenerate) result
+        return snapkv.window_scores(q, k, mask, scale, window, kernel, pool)
+    if mask is None:  # causal, built on the device
+        keys = torch.arange(t, device=q.device)
+        allowed = (keys[None, :] <= keys[t - w :, None]).expand(b, -1, -1)
+    else:
+        allowed = allowed_keys(mask, t - w, t, t, b)
+    return snapkv.pool_prefix(window_attention_mass(q, k, allowed, scale), w, kernel, pool)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from kvsurgery import kernels
-from kvsurgery.ops import core, csp, doublesparse, prefixkv, quant
+from kvsurgery.ops import adakv, core, csp, doublesparse, h2o, prefixkv, quant, snapkv, streaming
 from kvsurgery.ops.schema import OpDef, define, register_cuda
 
-OPS: dict[str, OpDef] = {op.name: op for module in (core, quant, prefixkv, doublesparse, csp) for op in module.OPS}
+MODULES = (core, snapkv, h2o, streaming, adakv, quant, prefixkv, doublesparse, csp)  # core first, then one per method
+OPS: dict[str, OpDef] = {op.name: op for module in MODULES for op in module.OPS}
 
 
 def register() -> None:

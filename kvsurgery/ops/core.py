@@ -1,7 +1,8 @@
-"""The core ops: the `kv_update` marker, token scores and budgets, and the store's select, append and attention.
+"""The core ops: the `kv_update` marker and the store's select, append and attention (the methods' token scores
+and budgets are their own stems: `ops/snapkv.py`, `ops/h2o.py`, `ops/streaming.py`, `ops/adakv.py`).
 
-Their CPU implementation is the PyTorch reference (`kvsurgery.reference.core`); the decode ops and SnapKV's window
-scores also have Triton kernels on CUDA (`kvsurgery.kernels`). Mutating ops write the store in place and return
+Their CPU implementation is the PyTorch reference (`kvsurgery.reference.core`); the decode ops also have Triton
+kernels on CUDA (`kvsurgery.kernels`). Mutating ops write the store in place and return
 nothing, so Inductor re-inplaces them.
 """
 
@@ -11,11 +12,10 @@ import torch
 from torch import Tensor
 
 from kvsurgery.errors import SurgeryNotAppliedError
-from kvsurgery.ops.schema import OpDef, like_q, token_scores
+from kvsurgery.ops.schema import OpDef, like_q
 from kvsurgery.reference import core as reference
 from kvsurgery.store import CORE_TENSORS
 
-SCORE_PARAMS = ("Tensor q", "Tensor k", "Tensor? mask", "float scale")  # what every prefill scoring op reads
 DENSE = ("k_store", "v_store", "pos", "start", "length", "seen")  # what decode attention reads of the store
 
 
@@ -41,10 +41,6 @@ def like_t(t: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
-def head_budgets(scores: Tensor, **_) -> Tensor:
-    return scores.new_empty(scores.shape[:2], dtype=torch.int32)
-
-
 OPS = (
     # Emitted by `KVStore.update`; carries the layer's store tensors and their comma-separated names, so passes
     # can wire them into the ops they insert.
@@ -54,22 +50,6 @@ OPS = (
         not_rewritten,
         new_kv,
         returns="(Tensor, Tensor)",
-    ),
-    OpDef(
-        "score_window",
-        (*SCORE_PARAMS, "int window", "int kernel", "str pool"),
-        reference.window_scores,
-        token_scores,
-        "Tensor",
-    ),
-    OpDef("score_accumulated", SCORE_PARAMS, reference.accumulated_scores, token_scores, "Tensor"),
-    OpDef("score_recency", ("Tensor k",), reference.recency_scores, token_scores, "Tensor"),
-    OpDef(
-        "budget_adakv",
-        ("Tensor scores", "Tensor? mask", "Tensor keep", "int sinks", "int window", "float floor", "bool normalize"),
-        reference.adakv_budgets,
-        head_budgets,
-        "Tensor",
     ),
     OpDef(
         "select_compact_",

@@ -56,6 +56,7 @@ class OpDef:
         return f"({', '.join(out)}) -> {self.returns}"
 
 
+SCORE_PARAMS = ("Tensor q", "Tensor k", "Tensor? mask", "float scale")  # what every prefill scoring op reads
 STORE_ARG = "s"  # the parameter that receives the op's store tensors as one LayerTensors
 
 

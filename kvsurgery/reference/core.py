@@ -20,9 +20,9 @@ their op declares.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from kvsurgery.reference.streaming import recency_scores
 from kvsurgery.store import LayerTensors
 
 NEG_INF = float("-inf")
@@ -56,72 +56,6 @@ def group_queries(q: Tensor, n_kv: int) -> Tensor:
     return q.reshape(b, n_kv, hq // n_kv, tq, d)
 
 
-def pool1d(scores: Tensor, kernel: int, pool: str) -> Tensor:
-    """Smooth scores along the token axis (SnapKV clustering): stride 1, same length."""
-    if kernel <= 1 or scores.shape[-1] == 0:
-        return scores
-    shape = scores.shape
-    flat = scores.reshape(-1, 1, shape[-1])
-    if pool == "max":
-        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    elif pool == "avg":
-        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    else:
-        raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
-    return out[..., : shape[-1]].reshape(shape)
-
-
-def window_scores(
-    q: Tensor, k: Tensor, mask: Tensor | None, scale: float, window: int, kernel: int, pool: str
-) -> Tensor:
-    """SnapKV scores [B, Hkv, T]: attention of the last `window` queries, averaged over them and the GQA group.
-
-    The prefix (tokens before the window) is pooled with `kernel`; window tokens keep their raw score
-    (they are always kept anyway).
-    """
-    b, _, t, _ = q.shape
-    n_kv = k.shape[1]
-    w = min(window, t)
-    dt = acc_dtype(q)
-    qw = group_queries(q[:, :, t - w :], n_kv).to(dt)
-    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, k.to(dt)) * scale
-    allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
-    logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return pool_prefix(probs.mean(dim=(2, 3)).float(), w, kernel, pool)
-
-
-def pool_prefix(scores: Tensor, window: int, kernel: int, pool: str) -> Tensor:
-    """SnapKV: pool the scores [..., T] of the tokens before the last `window`; window tokens keep theirs."""
-    t = scores.shape[-1]
-    prefix = pool1d(scores[..., : t - window], kernel, pool)
-    return torch.cat([prefix, scores[..., t - window :]], dim=-1)
-
-
-def accumulated_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, chunk: int = 256) -> Tensor:
-    """H2O scores [B, Hkv, T]: attention each key receives summed over all prompt queries (mean over GQA group)."""
-    b, _, t, _ = q.shape
-    n_kv = k.shape[1]
-    dt = acc_dtype(q)
-    total = torch.zeros(b, n_kv, t, dtype=dt, device=q.device)
-    kk = k.to(dt)
-    for r0 in range(0, t, chunk):
-        r1 = min(t, r0 + chunk)
-        qc = group_queries(q[:, :, r0:r1], n_kv).to(dt)
-        logits = torch.einsum("bhgrd,bhtd->bhgrt", qc, kk) * scale
-        allowed = allowed_keys(mask, r0, r1, t, b).to(q.device)
-        logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        total += probs.sum(dim=3).mean(dim=2)
-    return total.float()
-
-
-def recency_scores(k: Tensor) -> Tensor:
-    """StreamingLLM scores [B, Hkv, T]: the token index, so top-k keeps the most recent tokens."""
-    b, n_kv, t, _ = k.shape
-    return torch.arange(t, dtype=torch.float32, device=k.device).expand(b, n_kv, t).contiguous()
-
-
 def top_indices(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores along the last axis; ties go to the earliest token (a stable sort), so
     the choice does not depend on padding or kernel order (max-pooled scores tie often)."""
@@ -143,39 +77,6 @@ def largest_remainder(target: Tensor, total: Tensor) -> Tensor:
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (base + (rank < deficit[:, None]).to(base.dtype)).long()
-
-
-def adakv_budgets(
-    scores: Tensor, mask: Tensor | None, keep: Tensor, sinks: int, window: int, floor: float, normalize: bool
-) -> Tensor:
-    """Ada-KV per-head budgets [B, Hkv] (int32, each including sinks + window); each row keeps its planned total.
-
-    Per row, the planned `keep` fixes the layer's total; its selectable part b = budget - sinks - window per
-    head is shared across the layer's KV heads: a global top (Hkv * b) over all heads decides each head's
-    share, then a floor of `floor * b` is mixed in.
-    """
-    valid = valid_keys(mask, scores.shape[-1], scores.shape[0]).to(scores.device)
-    rows = [_adakv_row(scores[b], valid[b], keep[b], sinks, window, floor, normalize) for b in range(scores.shape[0])]
-    return torch.stack(rows).to(torch.int32)
-
-
-def _adakv_row(scores, valid, keep, sinks, window, floor, normalize) -> Tensor:
-    n_kv, t = scores.shape
-    budget = int(keep.sum()) // n_kv
-    selectable = budget - sinks - window
-    if selectable <= 0 or budget >= int(valid.sum()):
-        return keep.clone()  # nothing to share: every head already keeps all it can
-    candidate = valid & ~forced_keep(valid[None], sinks, window)[0]
-    s = scores.float().masked_fill(~candidate, NEG_INF)
-    if normalize:
-        finite = s.masked_fill(~candidate, 0.0)
-        top = finite.topk(min(selectable, t), dim=-1).values.sum(-1)
-        s = s * (top / finite.sum(-1).clamp_min(1e-12))[:, None]
-    picked = top_indices(s.reshape(-1), n_kv * selectable) // t
-    counts = torch.bincount(picked, minlength=n_kv).float()
-    mixed = floor * selectable + (1.0 - floor) * counts
-    total = torch.tensor([float(n_kv * selectable)], device=scores.device)
-    return largest_remainder(mixed[None], total)[0] + sinks + window
 
 
 def segment_slots(start: Tensor, width: int, n_slots: int) -> tuple[Tensor, Tensor]:

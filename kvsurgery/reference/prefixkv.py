@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery.reference.core import accumulated_scores
+from kvsurgery.reference.h2o import accumulated_scores
 from kvsurgery.store import LayerTensors
 
 

@@ -13,7 +13,8 @@ from hypothesis import example, given, settings
 
 from kvsurgery.kernels import score_window, window_attention_mass
 from kvsurgery.kernels import snapkv_window as scores_module
-from kvsurgery.reference import core as ref
+from kvsurgery.reference import snapkv as ref
+from kvsurgery.reference.core import allowed_keys
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1 (conftest)")
@@ -85,7 +86,7 @@ def check_scores(c: ScoreCase, dtype, device, block_n, chunk, tol):
     q64, k64, mask_cpu = q.double().cpu(), k.double().cpu(), None if mask is None else mask.cpu()
     expected = ref.window_scores(q64, k64, mask_cpu, scale, c.window, c.kernel, c.pool)
     w = min(c.window, c.t)
-    allowed = ref.allowed_keys(mask, c.t - w, c.t, c.t, c.batch).to(device)
+    allowed = allowed_keys(mask, c.t - w, c.t, c.t, c.batch).to(device)
     with poisoned_workspace():
         mass = window_attention_mass(q, k, allowed, scale, block_n=block_n, chunk=chunk)  # this case's launch shape
         out = score_window(q, k, mask, scale, c.window, c.kernel, c.pool)  # the op's CUDA implementation

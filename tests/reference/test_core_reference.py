@@ -152,26 +152,6 @@ def test_eviction_keeps_capacity_sinks_and_evicts_oldest_first(c, steps):
                 assert sorted(set(kept) - set(sinks)) == others[len(others) - n_others :], "oldest evicted first"
 
 
-@given(
-    st.integers(1, 3),
-    st.integers(1, 4),
-    st.integers(8, 40),
-    st.integers(0, 2),
-    st.integers(0, 4),
-    st.integers(0, 2**31 - 1),
-)
-def test_adakv_budgets_keep_the_layer_total_and_the_floor(batch, n_kv, t, sinks, window, seed):
-    g = torch.Generator().manual_seed(seed)
-    budget = max(sinks + window + 1, t // 2)
-    scores = torch.rand(batch, n_kv, t, generator=g)
-    keep = torch.full((batch, n_kv), budget, dtype=torch.int32)
-    out = ref.adakv_budgets(scores, None, keep, sinks, window, 0.2, True)
-    assert out.dtype == torch.int32 and out.shape == (batch, n_kv)
-    assert (out.sum(-1) == n_kv * budget).all(), "the layer's total budget is preserved exactly"
-    floor = int(0.2 * (budget - sinks - window))
-    assert (out >= floor + sinks + window).all(), "every head keeps at least its floor"
-
-
 @given(st.lists(st.floats(0, 50), min_size=1, max_size=8), st.integers(0, 2**31 - 1))
 def test_largest_remainder_rounds_to_the_exact_total(values, seed):
     target = torch.tensor([values])
@@ -179,19 +159,3 @@ def test_largest_remainder_rounds_to_the_exact_total(values, seed):
     out = ref.largest_remainder(target, total)
     assert int(out.sum()) == int(total)
     assert ((out - target).abs() < 1.0 + 1e-6).all()
-
-
-def test_window_scores_sum_like_probabilities():
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 4, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
-    s = ref.window_scores(q, k, None, 0.35, 3, 1, "avg")
-    assert s.shape == (1, 2, 10)
-    torch.testing.assert_close(s.sum(-1), torch.ones(1, 2))  # mean over rows of softmax rows, no pooling
-
-
-def test_accumulated_scores_count_every_query():
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
-    s = ref.accumulated_scores(q, k, None, 0.35, chunk=4)
-    torch.testing.assert_close(s.sum(-1), torch.full((2, 2), 9.0))
-    assert torch.allclose(s[..., 0], s[..., 0].clamp_min(1.0))  # the first token is seen by every query
