@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from kvsurgery import bench
+from kvsurgery.bench import decode as bench
 
 CPU_SMOKE = ["--shape", "tiny", "--device", "cpu", "--contexts", "256", "--batch", "1", "--budget", "0.2"]
 

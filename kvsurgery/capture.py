@@ -9,9 +9,9 @@ from torch import fx
 from transformers.cache_utils import DynamicCache
 
 from kvsurgery.compat import cache_keyword
+from kvsurgery.compiler.private_compile import PrivateCompile
 from kvsurgery.errors import UnsupportedModelError
 from kvsurgery.fx_utils import example, module_path, op_counts
-from kvsurgery.private_compile import PrivateCompile
 from kvsurgery.sites import AttentionSite, SiteMatch, find_attention, find_cache_updates, find_sites
 
 ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "matmul")

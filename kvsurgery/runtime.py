@@ -12,12 +12,12 @@ from torch import fx
 from transformers.cache_utils import Cache
 
 from kvsurgery.compat import cache_keyword, pop_cache
-from kvsurgery.cpu_lowering import lower_decode_ops
-from kvsurgery.dynamic_shapes import mark_prompt_dynamic, mark_store_dynamic
+from kvsurgery.compiler.cpu_lowering import lower_decode_ops
+from kvsurgery.compiler.dynamic_shapes import mark_prompt_dynamic, mark_store_dynamic
+from kvsurgery.compiler.private_compile import PrivateCompile
+from kvsurgery.compiler.read_order import snapshot_early_reads
 from kvsurgery.errors import KVSurgeryError
 from kvsurgery.manager import GraphReport, Recipe
-from kvsurgery.private_compile import PrivateCompile
-from kvsurgery.read_order import snapshot_early_reads
 from kvsurgery.sites import AttentionSite
 from kvsurgery.store import KVStore, LayerPlan
 

@@ -4,7 +4,7 @@ with their reason, the table is printed and the JSON written. CPU timings say no
 import json
 
 from kvsurgery import cli
-from kvsurgery.bench import _tokens
+from kvsurgery.bench.decode import _tokens
 
 
 def test_bench_smoke_run_on_cpu(tmp_path, capsys):
@@ -60,7 +60,7 @@ def test_attention_rows_for_each_quantization_layout_count_the_bytes_their_store
     calibration pre-pass where the recipe squeezes logits)."""
     import torch
 
-    from kvsurgery.bench_attention import QUANT_RECIPES, attention_group, quantized_store, recipe_layout, split_recipes
+    from kvsurgery.bench.attention import QUANT_RECIPES, attention_group, quantized_store, recipe_layout, split_recipes
     from kvsurgery.kernels.quant_attention import bytes_read
 
     calls = []

@@ -10,7 +10,7 @@ import torch
 from torch._inductor import compile_fx as inductor
 
 import kvsurgery
-from kvsurgery.read_order import snapshot_early_reads
+from kvsurgery.compiler.read_order import snapshot_early_reads
 from kvsurgery.testing import left_padded_batch, tiny_model
 
 RECIPE = "h2o(window=2)"  # decode-time eviction by accumulated attention: every decode op runs

@@ -1,5 +1,5 @@
-"""The CPU lowering of the decode ops (`kvsurgery.cpu_lowering`): on CPU with compile=True the decode graph handed to
-Inductor holds aten ops in place of the lowered kvsurgery ops, and it gives the eager surgery's tokens.
+"""The CPU lowering of the decode ops (`kvsurgery.compiler.cpu_lowering`): on CPU with compile=True the decode graph
+handed to Inductor holds aten ops in place of the lowered kvsurgery ops, and it gives the eager surgery's tokens.
 
 Most tests stand a capturing stub in for Inductor (the lowered FX graph runs as Python: seconds, not an Inductor
 compile); one compiles with Inductor for real."""

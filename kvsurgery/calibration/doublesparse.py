@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from kvsurgery.calibration.artefact import Artefact, ModelIdentity, save
 from kvsurgery.calibration.corpus import calibration_blocks
+from kvsurgery.compiler.private_compile import PrivateCompile
 from kvsurgery.errors import CalibrationError
 from kvsurgery.fx_utils import example, module_path, trace_source
-from kvsurgery.private_compile import PrivateCompile
 from kvsurgery.sites import find_attention, layer_index
 
 METHOD = "doublesparse"

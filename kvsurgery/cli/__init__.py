@@ -8,10 +8,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "recipes": ("kvsurgery.cli_recipes", "list the passes a recipe can name"),
+    "recipes": ("kvsurgery.cli.recipes", "list the passes a recipe can name"),
     "calibrate": ("kvsurgery.calibration.cli", "calibrate a method on the loaded model (headkv, prefixkv, ...)"),
     "eval": ("kvsurgery.eval.cli", "accuracy of recipes on synthetic long-context tasks"),
-    "bench": ("kvsurgery.bench", "decode speed and memory of recipes on a model shape"),
+    "bench": ("kvsurgery.bench.decode", "decode speed and memory of recipes on a model shape"),
 }
 
 

@@ -30,7 +30,7 @@ from functools import partial
 
 import torch
 
-from kvsurgery.bench_attention import QUANT_RECIPES, attention_rows, split_recipes
+from kvsurgery.bench.attention import QUANT_RECIPES, attention_rows, split_recipes
 from kvsurgery.compat import output_cache
 from kvsurgery.errors import KVSurgeryError, RecipeError
 
@@ -355,7 +355,7 @@ def kvpress_row(args, context: int, batch: int, dtype: torch.dtype, bandwidth: f
         row.status = "skipped"
         row.reason = "kvpress pins transformers<5.3: install it in a separate venv and pass --kvpress-python"
         return row
-    script = pathlib.Path(__file__).with_name("bench_kvpress.py")
+    script = pathlib.Path(__file__).with_name("kvpress_peer.py")
     job = dict(
         config=SHAPES[args.shape], context=context, batch=batch, device=args.device, dtype=str(dtype).split(".")[-1],
         compression_ratio=1 - args.budget, new_tokens=args.new_tokens, seed=args.seed,
