@@ -262,6 +262,21 @@ def merge_splits(o_part: Tensor, lse_part: Tensor, out: Tensor, lse: Tensor, spl
     )
 
 
+def dense_strides(q: Tensor, s: LayerTensors) -> tuple[int, ...]:
+    """The strides the split kernels read the query and the full-precision store with, in their argument order:
+    q's (batch, head), k_store's and v_store's (row, slot), pos's and start's (row)."""
+    return (
+        q.stride(0),
+        q.stride(1),
+        s.k_store.stride(0),
+        s.k_store.stride(1),
+        s.v_store.stride(0),
+        s.v_store.stride(1),
+        s.pos.stride(0),
+        s.start.stride(0),
+    )
+
+
 def default_splits(batch: int, n_kv: int, slots: int, block_n: int, device: torch.device) -> int:
     """Splits per (row, KV head): enough programs to fill the device, none shorter than one block.
 
@@ -324,14 +339,7 @@ def decode_attention(
         qk_scale,
         window,
         n_kv,
-        q.stride(0),
-        q.stride(1),
-        s.k_store.stride(0),
-        s.k_store.stride(1),
-        s.v_store.stride(0),
-        s.v_store.stride(1),
-        s.pos.stride(0),
-        s.start.stride(0),
+        *dense_strides(q, s),
         **common,
         UPCAST=upcast,
         PRECISION=precision,
