@@ -63,8 +63,8 @@ def _site(model: torch.nn.Module, match: SiteMatch) -> AttentionSite:
     )
 
 
-def _decode_step(model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache):
-    return model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
+def _decode_step(model: torch.nn.Module, call: dict):
+    return model(**call)
 
 
 def discover(model: torch.nn.Module) -> Discovery:
@@ -82,10 +82,11 @@ def discover(model: torch.nn.Module) -> Discovery:
     try:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            model(input_ids=ids[:, :3], use_cache=True, **{cache_keyword(model): cache})
+            keyword = cache_keyword(model)  # looked up here, not traced
+            model(input_ids=ids[:, :3], use_cache=True, **{keyword: cache})
             # released on exit: nothing of this capture (guards on the model, the graph) outlives discover()
             with PrivateCompile(_decode_step, f"kvsurgery_discover_{id(model):x}", capture, fullgraph=True) as step:
-                step(model, ids[:, 3:], cache)
+                step(model, {"input_ids": ids[:, 3:], "use_cache": True, keyword: cache})
     except torch._dynamo.exc.TorchDynamoException as exc:
         raise UnsupportedModelError(f"Dynamo could not capture {name}'s decode step in one graph: {exc}") from exc
     graph = graphs[-1].graph

@@ -150,6 +150,10 @@ class StoreLayer:
         core = [self.k, self.v, self.pos, self.slot_score, self.keep, self.cap, self.start, self.length, self.seen]
         return core + list(self.planes.values())
 
+    def slot_axis_tensors(self) -> list[Tensor]:
+        """The tensors whose axis 1 counts slots, so grows with the prompt: k, v, pos, slot scores, the planes."""
+        return [self.k, self.v, self.pos, self.slot_score, *self.planes.values()]
+
     def named(self) -> LayerTensors:
         """The core tensors and the planes that are store tensors, by name; an optional store tensor ("Tensor?" in
         `STORE_TENSORS`) the layer does not hold is None, as its ops are passed."""

@@ -33,7 +33,7 @@ def mark_prompt_dynamic(call: dict) -> None:
 
 
 def mark_store_dynamic(store: KVStore) -> None:
-    """Mark the slot axis (dim 1) of every store tensor that has one: k/v/pos/slot scores and the extra planes."""
+    """Mark the slot axis (dim 1) of every store tensor that has one (`StoreLayer.slot_axis_tensors`)."""
     for layer in store.layers:
-        for tensor in (layer.k, layer.v, layer.pos, layer.slot_score, *layer.planes.values()):
+        for tensor in layer.slot_axis_tensors():
             _mark(tensor, 1)
