@@ -22,8 +22,9 @@ import torch
 from torch import fx
 
 from kvsurgery.fx_utils import op_name
+from kvsurgery.ops import OPS
 from kvsurgery.sites import AttentionSite, SiteMatch
-from kvsurgery.store import CORE_TENSORS, Plane
+from kvsurgery.store import STORE_TENSORS, Plane
 
 if TYPE_CHECKING:
     from kvsurgery.manager import Recipe
@@ -74,8 +75,19 @@ class Eviction:
     score_new: str = "position"
     accumulate: bool = False
 
+    def append_policy(self) -> dict[str, Any]:
+        """This policy as the decode append op's (`append_`) arguments."""
+        return {
+            "sinks": self.sinks,
+            "window": self.window,
+            "evict": True,
+            "by_score": self.by_score,
+            "score_new": self.score_new,
+        }
+
 
 OLDEST_FIRST = Eviction()
+NO_EVICTION = {"sinks": 0, "window": 0, "evict": False, "by_score": False, "score_new": "position"}  # `append_`'s
 
 
 @dataclass
@@ -135,8 +147,21 @@ class SiteRewrite:
         self.inserted.setdefault(pass_name, []).append(op_name(node))
         return node
 
-    def store_args(self) -> tuple[fx.Node, ...]:
-        return tuple(self.store[name] for name in CORE_TENSORS)
+    def op(self, pass_name: str, op: str, before: fx.Node | None = None, **args: Any) -> fx.Node:
+        """Insert `torch.ops.kvsurgery.<op>`: its store tensors (bare parameters of its OpDef) from this site's
+        store, every other parameter from `args` by name, in the schema's order (see `call`)."""
+        definition = OPS[op]
+        values = []
+        for param, name in zip(definition.params, definition.names, strict=True):
+            if " " not in param:  # a store tensor; an optional one the layer does not hold is None
+                values.append(self.store.get(name) if STORE_TENSORS[name].endswith("?") else self.store[name])
+            elif name in args:
+                values.append(args.pop(name))
+            else:
+                raise TypeError(f"{pass_name}: op {op!r} needs {param!r}, which the pass did not give")
+        if args:
+            raise TypeError(f"{pass_name}: op {op!r} has no parameter {sorted(args)} (it takes {definition.params})")
+        return self.call(pass_name, kv_op(op), tuple(values), before=before)
 
 
 class Pass:

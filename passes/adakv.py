@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvsurgery.pass_base import Pass, SiteRewrite, kv_op
+from kvsurgery.pass_base import Pass, SiteRewrite
 from kvsurgery.registry import register_pass
 
 
@@ -34,5 +34,14 @@ class AdaKV(Pass):
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
             sel, o = rw.recipe.selection, self.options
-            args = (rw.products["scores"], rw.mask, rw.store["keep"], sel.sinks, sel.window, o.floor, o.normalize)
-            rw.products["budgets"] = rw.call(self.name, kv_op("budget_adakv"), args)
+            rw.products["budgets"] = rw.op(
+                self.name,
+                "budget_adakv",
+                scores=rw.products["scores"],
+                mask=rw.mask,
+                keep=rw.store["keep"],
+                sinks=sel.sinks,
+                window=sel.window,
+                floor=o.floor,
+                normalize=o.normalize,
+            )

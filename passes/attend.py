@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvsurgery.pass_base import Pass, SiteRewrite, kv_op
+from kvsurgery.pass_base import Pass, SiteRewrite
 from kvsurgery.registry import register_pass
 
 from .select import layer_eviction
@@ -23,16 +23,13 @@ class Attend(Pass):
             for user in list(marker.users):
                 user.replace_all_uses_with(rw.k if user.args[1] == 0 else rw.v)
             return
-        s = rw.store
         ev = layer_eviction(rw.recipe, rw.site)
         window = rw.site.sliding_window or 0
         scale = rw.match.attention.scale
         old = rw.match.attention.output
         if ev is not None and ev.accumulate:
-            args = (rw.q, s["k_store"], s["v_store"], s["pos"], s["slot_score"], s["start"], s["length"], s["seen"])
-            node = rw.call(self.name, kv_op("attend_accumulate_"), (*args, scale, window), before=old)
+            node = rw.op(self.name, "attend_accumulate_", before=old, q=rw.q, scale=scale, window=window)
         else:
-            args = (rw.q, s["k_store"], s["v_store"], s["pos"], s["start"], s["length"], s["seen"])
-            node = rw.call(self.name, kv_op("attend"), (*args, scale, window), before=old)
+            node = rw.op(self.name, "attend", before=old, q=rw.q, scale=scale, window=window)
         old.replace_all_uses_with(node)
         rw.graph.erase_node(old)

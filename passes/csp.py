@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsurgery.modality import visual_mask, visual_token_ids
-from kvsurgery.pass_base import Pass, Selection, SiteRewrite, kv_op
+from kvsurgery.pass_base import Pass, Selection, SiteRewrite
 from kvsurgery.registry import register_pass
 
 
@@ -45,5 +45,16 @@ class CSP(Pass):
         is_visual = visual_mask(rw.graph, rw.recipe.state(self), self.name)
         rw.products["is_visual"] = is_visual
         rw.inserted.setdefault(self.name, []).append("is_visual(input_ids)")
-        args = (rw.q, rw.k, rw.mask, is_visual, rw.store["keep"], rw.match.attention.scale, o.window)
-        rw.products["scores"] = rw.call(self.name, kv_op("score_csp"), (*args, o.cross_ratio, o.n))
+        rw.products["scores"] = rw.op(
+            self.name,
+            "score_csp",
+            q=rw.q,
+            k=rw.k,
+            mask=rw.mask,
+            is_visual=is_visual,
+            keep=rw.store["keep"],
+            scale=rw.match.attention.scale,
+            window=o.window,
+            cross_ratio=o.cross_ratio,
+            n=o.n,
+        )

@@ -13,7 +13,7 @@ import torch
 
 from kvsurgery.calibration.doublesparse import load_channels
 from kvsurgery.errors import CalibrationError, RecipeError
-from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
+from kvsurgery.pass_base import Pass, PlanState, SiteRewrite
 from kvsurgery.reference import doublesparse as sparse_attention
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
@@ -97,12 +97,10 @@ class DoubleSparsity(Pass):
 
     # -- graph rewrite ------------------------------------------------------------------------------
     def rewrite(self, rw: SiteRewrite) -> None:
-        s = rw.store
         scale = rw.match.attention.scale
         if rw.phase == "prefill":
             if self.sparse(rw.site):
-                args = (s["labels"], s.get("label_range"), s["k_store"], s["start"], s["cap"])
-                rw.call(self.name, kv_op("label_fill_"), (*args, self._channels(rw), self.options.label_bits))
+                rw.op(self.name, "label_fill_", channels=self._channels(rw), bits=self.options.label_bits)
             marker = rw.match.cache.marker
             for user in list(marker.users):  # prefill attention stays the model's own, over the prompt
                 user.replace_all_uses_with(rw.k if user.args[1] == 0 else rw.v)
@@ -111,16 +109,22 @@ class DoubleSparsity(Pass):
         if self.sparse(rw.site):
             bits = self.options.label_bits
             channels = self._channels(rw)
-            args = (s["labels"], s.get("label_range"), rw.k, s["start"], s["length"], channels, bits)
-            rw.call(self.name, kv_op("label_append_"), args, before=old)
+            rw.op(self.name, "label_append_", before=old, k=rw.k, channels=channels, bits=bits)
             budget = rw.recipe.budget
-            args = (rw.q, s["k_store"], s["v_store"], s["pos"], s["keep"], s["start"], s["length"], s["seen"])
-            args = (*args, s["labels"], s.get("label_range"), channels, scale)
-            args = (*args, budget.tokens or 0, budget.fraction or 0.0, bits)
-            node = rw.call(self.name, kv_op("sparse_attend"), args, before=old)
+            node = rw.op(
+                self.name,
+                "sparse_attend",
+                before=old,
+                q=rw.q,
+                channels=channels,
+                scale=scale,
+                tokens=budget.tokens or 0,
+                fraction=budget.fraction or 0.0,
+                bits=bits,
+            )
         else:
-            args = (rw.q, s["k_store"], s["v_store"], s["pos"], s["start"], s["length"], s["seen"])
-            node = rw.call(self.name, kv_op("attend"), (*args, scale, rw.site.sliding_window or 0), before=old)
+            window = rw.site.sliding_window or 0
+            node = rw.op(self.name, "attend", before=old, q=rw.q, scale=scale, window=window)
         old.replace_all_uses_with(node)
         rw.graph.erase_node(old)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsurgery.pass_base import Eviction, Pass, Selection, SiteRewrite, kv_op
+from kvsurgery.pass_base import Eviction, Pass, Selection, SiteRewrite
 from kvsurgery.registry import register_pass
 
 
@@ -34,5 +34,5 @@ class H2O(Pass):
 
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
-            args = (rw.q, rw.k, rw.mask, rw.match.attention.scale)
-            rw.products["scores"] = rw.call(self.name, kv_op("score_accumulated"), args)
+            scale = rw.match.attention.scale
+            rw.products["scores"] = rw.op(self.name, "score_accumulated", q=rw.q, k=rw.k, mask=rw.mask, scale=scale)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kvsurgery.budget import Budget
 from kvsurgery.calibration.artefact import load
 from kvsurgery.errors import BudgetError, CalibrationError
-from kvsurgery.pass_base import OLDEST_FIRST, Eviction, Pass, PlanState, Selection, SiteRewrite, kv_op
+from kvsurgery.pass_base import OLDEST_FIRST, Eviction, Pass, PlanState, Selection, SiteRewrite
 from kvsurgery.reference.prefixkv_budget import decode_room, prefix_keep
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
@@ -100,12 +100,10 @@ class PrefixKV(Pass):
 
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
-            args = (rw.q, rw.k, rw.mask, rw.match.attention.scale)
-            rw.products["scores"] = rw.call(self.name, kv_op("prefixkv_scores"), args)
+            scale = rw.match.attention.scale
+            rw.products["scores"] = rw.op(self.name, "prefixkv_scores", q=rw.q, k=rw.k, mask=rw.mask, scale=scale)
         elif rw.site.sliding_window:  # sliding-window layers drop their oldest token, as in every recipe
-            ev = OLDEST_FIRST
-            policy = (ev.sinks, ev.window, True, ev.by_score, ev.score_new)
-            rw.call(self.name, kv_op("append_"), (*rw.store_args(), rw.k, rw.v, *policy))
+            rw.op(self.name, "append_", k=rw.k, v=rw.v, **OLDEST_FIRST.append_policy())
         else:
             ratio = rw.recipe.state(self)[rw.site.layer]
-            rw.call(self.name, kv_op("prefixkv_append_"), (*rw.store_args(), rw.k, rw.v, ratio, self.options.distance))
+            rw.op(self.name, "prefixkv_append_", k=rw.k, v=rw.v, ratio=ratio, distance=self.options.distance)

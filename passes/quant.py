@@ -15,11 +15,10 @@ import torch
 
 from kvsurgery import registry
 from kvsurgery.errors import RecipeError, UnsupportedModelError
-from kvsurgery.pass_base import Pass, PlanState, SiteRewrite, kv_op
+from kvsurgery.pass_base import Pass, PlanState, SiteRewrite
 from kvsurgery.reference.quant_codes import QUANTIZABLE_DTYPES
 from kvsurgery.reference.quant_layout import QuantLayout
 from kvsurgery.sites import AttentionSite
-from kvsurgery.store import QUANT_TENSORS
 
 
 class QuantPass(Pass):
@@ -87,21 +86,36 @@ class QuantPass(Pass):
             self._core("select").rewrite(rw)
             self._core("attend").rewrite(rw)
             return
-        quant = tuple(rw.store[name] for name in QUANT_TENSORS)
         layout = self.layout().text()
         if rw.phase == "prefill":
             sel = rw.recipe.selection
             first = rw.products.get("is_visual") if self.uses_modality else None
             scores, budgets = rw.products.get("scores"), rw.products.get("budgets")
-            args = (*rw.store_args(), *quant, rw.k, rw.v, scores, budgets, rw.mask, first, sel.sinks, sel.window)
-            rw.call(self.name, kv_op("select_quantized_"), (*args, layout))
+            rw.op(
+                self.name,
+                "select_quantized_",
+                k=rw.k,
+                v=rw.v,
+                scores=scores,
+                budgets=budgets,
+                mask=rw.mask,
+                quantize_first=first,
+                sinks=sel.sinks,
+                window=sel.window,
+                layout=layout,
+            )
             self._core("attend").rewrite(rw)  # prefill attention stays the model's own, over the whole prompt
             return
-        rw.call(self.name, kv_op("append_quantized_"), (*rw.store_args(), *quant, rw.k, rw.v, layout))
-        s, attention = rw.store, rw.match.attention
-        dense = (s["k_store"], s["v_store"], s["pos"], s["start"], s["length"], s["seen"])
-        packed = (*quant[:6], s["q_start"], s["q_len"])
-        args = (rw.q, *dense, *packed, attention.scale, layout, self.squeeze)
-        node = rw.call(self.name, kv_op("attend_quantized"), args, before=attention.output)
+        rw.op(self.name, "append_quantized_", k=rw.k, v=rw.v, layout=layout)
+        attention = rw.match.attention
+        node = rw.op(
+            self.name,
+            "attend_quantized",
+            before=attention.output,
+            q=rw.q,
+            scale=attention.scale,
+            layout=layout,
+            squeeze=self.squeeze,
+        )
         attention.output.replace_all_uses_with(node)
         rw.graph.erase_node(attention.output)

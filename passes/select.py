@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvsurgery.pass_base import OLDEST_FIRST, Eviction, Pass, PlanState, SiteRewrite, kv_op
+from kvsurgery.pass_base import NO_EVICTION, OLDEST_FIRST, Eviction, Pass, PlanState, SiteRewrite
 from kvsurgery.registry import register_pass
 from kvsurgery.sites import AttentionSite
 
@@ -34,9 +34,18 @@ class Select(Pass):
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
             sel = rw.recipe.selection
-            args = (*rw.store_args(), rw.k, rw.v, rw.products.get("scores"), rw.products.get("budgets"), rw.mask)
-            rw.call(self.name, kv_op("select_compact_"), (*args, sel.sinks, sel.window))
+            rw.op(
+                self.name,
+                "select_compact_",
+                k=rw.k,
+                v=rw.v,
+                scores=rw.products.get("scores"),
+                budgets=rw.products.get("budgets"),
+                mask=rw.mask,
+                sinks=sel.sinks,
+                window=sel.window,
+            )
         elif "decode_append" not in rw.recipe.provided:  # else the pass providing it appends
             ev = layer_eviction(rw.recipe, rw.site)
-            policy = (ev.sinks, ev.window, True, ev.by_score, ev.score_new) if ev else (0, 0, False, False, "position")
-            rw.call(self.name, kv_op("append_"), (*rw.store_args(), rw.k, rw.v, *policy))
+            policy = ev.append_policy() if ev else NO_EVICTION
+            rw.op(self.name, "append_", k=rw.k, v=rw.v, **policy)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsurgery.pass_base import Pass, Selection, SiteRewrite, kv_op
+from kvsurgery.pass_base import Pass, Selection, SiteRewrite
 from kvsurgery.registry import register_pass
 
 
@@ -37,5 +37,14 @@ class SnapKV(Pass):
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
             o = self.options
-            args = (rw.q, rw.k, rw.mask, rw.match.attention.scale, o.window, o.kernel, o.pool)
-            rw.products["scores"] = rw.call(self.name, kv_op("score_window"), args)
+            rw.products["scores"] = rw.op(
+                self.name,
+                "score_window",
+                q=rw.q,
+                k=rw.k,
+                mask=rw.mask,
+                scale=rw.match.attention.scale,
+                window=o.window,
+                kernel=o.kernel,
+                pool=o.pool,
+            )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsurgery.pass_base import Eviction, Pass, Selection, SiteRewrite, kv_op
+from kvsurgery.pass_base import Eviction, Pass, Selection, SiteRewrite
 from kvsurgery.registry import register_pass
 
 
@@ -37,4 +37,4 @@ class StreamingLLM(Pass):
 
     def rewrite(self, rw: SiteRewrite) -> None:
         if rw.phase == "prefill":
-            rw.products["scores"] = rw.call(self.name, kv_op("score_recency"), (rw.k,))
+            rw.products["scores"] = rw.op(self.name, "score_recency", k=rw.k)
