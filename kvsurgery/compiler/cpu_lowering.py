@@ -128,16 +128,38 @@ def _shifts(like, bits: int, device: torch.device):
     return torch.arange(0, 8, bits, **kwargs)
 
 
-def _dequantized(codes, scale, low, spec: QuantSpec, b: int, d: int, dt: torch.dtype, device: torch.device):
-    """x̂ [B, Sq, D] of every packed slot (Inductor computes it in one kernel from the codes and statistics)."""
-    shifts = _shifts(codes, spec.bits, device)
-    x = ((codes[..., None] >> shifts) & ((1 << spec.bits) - 1)).reshape(b, -1, d).to(dt)
-    if spec.axis == "token":  # one (scale, lo) per slot and group of channels
-        g = spec.group
-        x = x.reshape(b, -1, d // g, g) * scale.to(dt)[..., None] + low.to(dt)[..., None]
-        return x.reshape(b, -1, d)
-    row = _arange(codes, 0, device, codes.size(1)) // spec.group  # one per group of slots and channel
-    return x * scale[:, row].to(dt) + low[:, row].to(dt)
+def _bit_planes(codes, bits: int):
+    """Packed bytes [B, S, W] -> codes [B, S, P, W], P = 8 // bits planes: plane j holds channels j, j + P, ...
+    (`quant_codes.pack` puts channel i * P + j in bits j * bits of byte i). One constant shift per plane keeps
+    each a contiguous, vectorisable op, where a shift per code position was a strided one."""
+    mask = (1 << bits) - 1
+    return torch.stack([(codes >> (bits * j)) & mask for j in range(8 // bits)], dim=-2)
+
+
+def _plane_order(x, planes: int):
+    """Channels [..., D] -> plane order: position j * (D // P) + i holds channel i * P + j."""
+    return x.unflatten(-1, (-1, planes)).transpose(-1, -2).flatten(-2)
+
+
+def _channel_order(x, planes: int):
+    """Plane order [..., D] -> channels (the inverse of `_plane_order`)."""
+    return x.unflatten(-1, (planes, -1)).transpose(-1, -2).flatten(-2)
+
+
+def _dequantized(codes, scale, low, spec: QuantSpec, dt: torch.dtype):
+    """x̂ [B, S, D] of every packed slot with its channels in plane order (`_plane_order`), the statistics
+    broadcast by view, not gathered: Inductor computes it in one vectorised kernel."""
+    b, _, width = _value(codes).shape
+    planes = 8 // spec.bits
+    x = _bit_planes(codes, spec.bits).to(dt)
+    if spec.axis == "token":  # one (scale, lo) per slot and group of channels: runs of group // P in each plane
+        groups = _value(scale).shape[-1]
+        x = x.reshape(b, -1, planes, groups, width // groups)
+        return (x * scale.to(dt)[:, :, None, :, None] + low.to(dt)[:, :, None, :, None]).reshape(b, -1, planes * width)
+    # one (scale, lo) per group of slots and channel: a store holds whole groups of packed slots
+    x = x.reshape(b, -1, spec.group, planes, width)
+    scale, low = (_plane_order(t.to(dt), planes).reshape(b, -1, 1, planes, width) for t in (scale, low))
+    return (x * scale + low).reshape(b, -1, planes * width)
 
 
 def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk_scale, qk_low, qv_codes, qv_scale,
@@ -156,21 +178,27 @@ def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk
     dense_ok = per_query_head(segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :])
     dense = torch.matmul(qf, k_store.to(dt).transpose(1, 2)) * scale
     packed_ok = per_query_head(segment_slots(q_start, q_len, qk_codes.size(1), device))
-    k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, b, d, dt, device)
-    packed = torch.matmul(qf, k_hat.transpose(1, 2)) * scale
+    k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, dt)  # channels in plane order, as the query then
+    packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
     logits = torch.cat([packed.masked_fill(~packed_ok, NEG_INF), dense.masked_fill(~dense_ok, NEG_INF)], dim=-1)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     n_packed = qk_codes.size(1)
-    v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, b, _value(v_store).shape[-1], dt, device)
-    out = torch.matmul(probs[:, :, :n_packed], v_hat)
+    v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, dt)
+    out = _channel_order(torch.matmul(probs[:, :, :n_packed], v_hat), 8 // lay.v.bits)
     out = out + torch.matmul(probs[:, :, n_packed:], v_store.to(dt))
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
 
 
 def _lowerable_quantized(layout: str, squeeze: float) -> bool:
-    """Layouts whose statistics are per slot or per group of slots (KIVI), without logit squeezing (CalibQuant)."""
+    """Layouts whose statistics are per slot or per group of slots (KIVI), without logit squeezing (CalibQuant),
+    whose channel groups hold whole runs of each bit plane (`_dequantized`)."""
     lay = QuantLayout.parse(layout)
-    return squeeze <= 0 and not any(s.axis == "channel" and s.group == 0 for s in (lay.k, lay.v))
+    specs = (lay.k, lay.v)
+    return (
+        squeeze <= 0
+        and not any(s.axis == "channel" and s.group == 0 for s in specs)
+        and all(s.axis == "channel" or s.group % (8 // s.bits) == 0 for s in specs)
+    )
 
 
 def _lowerable_append(layout: str) -> bool:
