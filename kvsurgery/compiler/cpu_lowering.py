@@ -215,16 +215,21 @@ def _lowerable_append(layout: str) -> bool:
 def _rewrite_rows(plane, first, n: int, values, active, heads: tuple[int, int], device: torch.device) -> None:
     """plane[b, first[b, h] + j] = values[b, h, j] (j < n) for the `active` (row, head)s; other rows unchanged.
 
-    One pass over the whole plane, so the rows of inactive heads are never touched (no index can collide)."""
+    Only the n rows at each head's `first` are written, each with its final value: the active head's whose rows
+    hold it (active heads' rows are disjoint), else the row's own. Writes that land on one row therefore agree, and
+    a step costs O(n) rows, not a pass over the whole plane."""
     b, n_kv = heads
     ndim = _value(plane).ndim
-    rel = _arange(plane, plane.size(1), device) - first.long()[..., None]  # [B, H, R]
-    hit = active[..., None] & (rel >= 0) & (rel < n)
-    head = (hit.long() * _arange(plane, n_kv, device)[None, :, None]).sum(1)
-    j = (hit.long() * rel).sum(1).clamp(0, n - 1)
-    src = values[_arange(plane, b, device)[:, None], head, j]  # [B, R, ...]
-    written = hit.any(1).reshape(b, -1, *([1] * (ndim - 2)))
-    plane.copy_(torch.where(written, src.to(_value(plane).dtype), plane))
+    first = first.long()
+    idx = (first[..., None] + _arange(plane, n, device)).clamp(0, plane.size(1) - 1)  # [B, H, n]
+    rel = idx[..., None] - first[:, None, None, :]  # [B, H, n, H']: position in head h' of each target row
+    hit = active[:, None, None, :] & (rel >= 0) & (rel < n)
+    writer = (hit.long() * _arange(plane, n_kv, device)).sum(-1)
+    j = (hit.long() * rel).sum(-1).clamp(0, n - 1)
+    batch = _arange(plane, b, device)[:, None, None]
+    new = values[batch, writer, j].to(_value(plane).dtype)  # [B, H, n, ...]
+    written = hit.any(-1).reshape(b, n_kv, n, *([1] * (ndim - 2)))
+    plane.index_put_((batch.expand_as(idx), idx), torch.where(written, new, plane[batch, idx]))
 
 
 def _quantize_flush(codes_p, scale_p, low_p, spec: QuantSpec, x, offset, active, shape: tuple, device) -> None:

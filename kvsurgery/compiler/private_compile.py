@@ -100,9 +100,7 @@ class PrivateCompile:
         _drop_tracked_fakes(self._shape_envs)
         self._fx_sources, self._inductor_modules = [], []
         self._shape_envs.clear()
-        metrics = get_metrics_context()
-        if not metrics.in_progress():  # tracebacks kept to explain a metric set twice within one compile
-            metrics._edits.clear()
+        _clear_metric_tracebacks()
 
 
 def _noting_shape_envs(backend: Callable, shape_envs: list[weakref.ref[ShapeEnv]]) -> Callable:
@@ -142,10 +140,19 @@ def _forget_fx_sources(ids: list[range]) -> None:
             linecache.cache.pop(key, None)
 
 
+def _clear_metric_tracebacks() -> None:
+    """Clear the tracebacks Dynamo's metrics context keeps of every metric set (to explain one set twice within a
+    compile) once no compile is in progress; torch versions without them have nothing to clear."""
+    metrics = get_metrics_context()
+    edits = getattr(metrics, "_edits", None)
+    if isinstance(edits, list) and not metrics.in_progress():
+        edits.clear()
+
+
 def _inductor_modules() -> list[ModuleType]:
     """Every module Inductor has loaded in this process (in load order); none before Inductor is imported."""
     codecache = sys.modules.get(_INDUCTOR_CODE_CACHE)
-    return codecache.PyCodeCache.modules if codecache is not None else []
+    return getattr(codecache.PyCodeCache, "modules", []) if codecache is not None else []
 
 
 def _forget_inductor_modules(modules: list[ModuleType]) -> None:
@@ -156,10 +163,11 @@ def _forget_inductor_modules(modules: list[ModuleType]) -> None:
     cache = sys.modules[_INDUCTOR_CODE_CACHE].PyCodeCache
     gone = {id(m) for m in modules}
     cache.modules[:] = [m for m in cache.modules if id(m) not in gone]
-    for path, module in list(cache.modules_no_attr.items()):
+    by_path = getattr(cache, "modules_no_attr", {})
+    for path, module in list(by_path.items()):
         if id(module) in gone:
-            del cache.modules_no_attr[path]
-            cache.linemaps.pop(path, None)
+            del by_path[path]
+            getattr(cache, "linemaps", {}).pop(path, None)
     for module in modules:
         if sys.modules.get(module.__name__) is module:
             del sys.modules[module.__name__]
