@@ -59,9 +59,9 @@ class PrivateCompile:
     def __call__(self, *args, **kwargs):
         fx_first, inductor_first = _loader.next_id, len(_inductor_modules())
         out = self.compiled(*args, **kwargs)
-        if _loader.next_id != fx_first:
+        if _loader.next_id != fx_first:  # it compiled (every compile builds a GraphModule): note what it left
             self._fx_sources.append(range(fx_first, _loader.next_id))
-        self._inductor_modules += _inductor_modules()[inductor_first:]
+            self._inductor_modules += _inductor_modules()[inductor_first:]
         return out
 
     def __enter__(self) -> PrivateCompile:
@@ -176,7 +176,7 @@ def _forget_inductor_modules(modules: list[ModuleType]) -> None:
 def _drop_tracked_fakes(shape_envs: list[weakref.ref[ShapeEnv]]) -> None:
     """Drop the fake inputs each ShapeEnv tracked for producing guards (done once compiled): a fake view among them
     keeps the whole trace alive (see the module docstring)."""
-    for ref in list(shape_envs):
+    for ref in shape_envs:
         shape_env = ref()
         if shape_env is not None:
             shape_env.tracked_fakes = None
