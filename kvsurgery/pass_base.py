@@ -87,7 +87,7 @@ class Eviction:
 
 
 OLDEST_FIRST = Eviction()
-NO_EVICTION = {"sinks": 0, "window": 0, "evict": False, "by_score": False, "score_new": "position"}  # `append_`'s
+NO_EVICTION = {**OLDEST_FIRST.append_policy(), "evict": False}  # `append_`'s arguments when nothing is evicted
 
 
 @dataclass
@@ -151,9 +151,10 @@ class SiteRewrite:
         """Insert `torch.ops.kvsurgery.<op>`: its store tensors (bare parameters of its OpDef) from this site's
         store, every other parameter from `args` by name, in the schema's order (see `call`)."""
         definition = OPS[op]
+        stored = definition.store_names
         values = []
         for param, name in zip(definition.params, definition.names, strict=True):
-            if " " not in param:  # a store tensor; an optional one the layer does not hold is None
+            if name in stored:  # an optional store tensor the layer does not hold is None
                 values.append(self.store.get(name) if STORE_TENSORS[name].endswith("?") else self.store[name])
             elif name in args:
                 values.append(args.pop(name))

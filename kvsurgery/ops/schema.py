@@ -38,6 +38,11 @@ class OpDef:
     def names(self) -> tuple[str, ...]:
         return tuple(p.split()[-1] for p in self.params)
 
+    @property
+    def store_names(self) -> tuple[str, ...]:
+        """The store tensors it takes: its bare (untyped) parameters."""
+        return tuple(p for p in self.params if " " not in p)
+
     def schema(self) -> str:
         """The `torch.library` schema, e.g. "(Tensor(a0!) k_store, ..., Tensor q, float scale) -> Tensor"."""
         unknown = set(self.writes) - set(self.names)
