@@ -56,6 +56,18 @@ def group_queries(q: Tensor, n_kv: int) -> Tensor:
     return q.reshape(b, n_kv, hq // n_kv, tq, d)
 
 
+def window_logits(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, window: int) -> Tensor:
+    """Logits [B, Hkv, G, W, T] of the last W = min(window, T) queries against every key (accumulation dtype), keys a
+    query may not see at -inf: what window scorers (SnapKV, CSP) take their softmax of."""
+    b, _, t, _ = q.shape
+    w = min(window, t)
+    dt = acc_dtype(q)
+    qw = group_queries(q[:, :, t - w :], k.shape[1]).to(dt)
+    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, k.to(dt)) * scale
+    allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
+    return logits.masked_fill(~allowed[:, None, None], NEG_INF)
+
+
 def top_indices(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores along the last axis; ties go to the earliest token (a stable sort), so
     the choice does not depend on padding or kernel order (max-pooled scores tie often)."""

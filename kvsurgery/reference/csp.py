@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsurgery.reference.core import NEG_INF, acc_dtype, allowed_keys, forced_keep, group_queries, valid_keys
+from kvsurgery.reference.core import NEG_INF, forced_keep, valid_keys, window_logits
 
 
 def n_softmax(logits: Tensor, n: int = 1) -> Tensor:
@@ -32,14 +32,9 @@ def csp_scores(
 ) -> tuple[Tensor, Tensor]:
     """(self, cross) scores [B, Hkv, T]: n-softmax attention of the last `window` queries, summed over those queries
     where the query's modality equals (self) or differs from (cross) the key's, averaged over the GQA group."""
-    b, _, t, _ = q.shape
-    n_kv = k.shape[1]
+    t = q.shape[2]
     w = min(window, t)
-    dt = acc_dtype(q)
-    qw = group_queries(q[:, :, t - w :], n_kv).to(dt)
-    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, k.to(dt)) * scale
-    allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
-    probs = n_softmax(logits.masked_fill(~allowed[:, None, None], NEG_INF), n)
+    probs = n_softmax(window_logits(q, k, mask, scale, window), n)
     vis = is_visual.bool().to(q.device)
     same = (vis[:, t - w :, None] == vis[:, None, :])[:, None, None]  # [B, 1, 1, W, T]
     s_self = torch.where(same, probs, 0.0).sum(3).mean(2)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvsurgery.reference.core import NEG_INF, acc_dtype, allowed_keys, group_queries
+from kvsurgery.reference.core import window_logits
 
 
 def window_scores(
@@ -19,16 +19,8 @@ def window_scores(
     The prefix (tokens before the window) is pooled with `kernel`; window tokens keep their raw score
     (they are always kept anyway).
     """
-    b, _, t, _ = q.shape
-    n_kv = k.shape[1]
-    w = min(window, t)
-    dt = acc_dtype(q)
-    qw = group_queries(q[:, :, t - w :], n_kv).to(dt)
-    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, k.to(dt)) * scale
-    allowed = allowed_keys(mask, t - w, t, t, b).to(q.device)
-    logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return pool_prefix(probs.mean(dim=(2, 3)).float(), w, kernel, pool)
+    probs = torch.softmax(window_logits(q, k, mask, scale, window), dim=-1).nan_to_num(0.0)
+    return pool_prefix(probs.mean(dim=(2, 3)).float(), min(window, q.shape[2]), kernel, pool)
 
 
 def pool_prefix(scores: Tensor, window: int, kernel: int, pool: str) -> Tensor:
