@@ -13,6 +13,8 @@ from torch import fx
 # Ops that only reshape/retype a tensor: attention inputs are traced back through them to their source.
 _VIEW_METHODS = {"view", "reshape", "expand", "contiguous", "transpose", "to", "float", "half", "bfloat16", "clone"}
 _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.repeat_interleave}
+# node.meta key on the ops a pass inserts: the site's KV heads have equal segments (`LayerPlan.uniform_heads`)
+UNIFORM_HEADS = "kvsurgery_uniform_heads"
 
 
 def is_kv_update(node: fx.Node) -> bool:

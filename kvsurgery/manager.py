@@ -86,10 +86,11 @@ class Recipe:
             states = [per_length[n][i] for n in row_lengths]
             rows = tuple(tuple(state.keep) for state in states)
             first = states[0]
+            keep = tuple(max(column) for column in zip(*rows, strict=True))
             plans.append(
                 LayerPlan(
                     layer=site.layer,
-                    keep=tuple(max(column) for column in zip(*rows, strict=True)),
+                    keep=keep,
                     room=first.room,
                     evict=first.eviction is not None,
                     head_dim=site.head_dim,
@@ -100,6 +101,7 @@ class Recipe:
                     row_keep=rows if len(set(rows)) > 1 else None,
                     dense_slots=max(s.dense_slots for s in states) if first.dense_slots is not None else None,
                     storage=first.storage,
+                    uniform_heads=len(set(rows)) == 1 and len(set(keep)) == 1 and not self.dynamic_budgets,
                 )
             )
         return plans
@@ -151,7 +153,7 @@ class Recipe:
                     "pass the cache created by the rewritten model (or none) to forward/generate"
                 )
             marker = match.cache.marker
-            _, _, tensors, names, _, prefill = marker.args
+            _, _, tensors, names, _, prefill, _ = marker.args
             phase = "prefill" if prefill else "decode"
             report.phase = phase
             store = dict(zip(names.split(","), tensors, strict=True))

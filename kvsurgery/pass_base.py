@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import fx
 
-from kvsurgery.fx_utils import op_name
+from kvsurgery.fx_utils import UNIFORM_HEADS, op_name
 from kvsurgery.ops import OPS
 from kvsurgery.sites import AttentionSite, SiteMatch
 from kvsurgery.store import STORE_TENSORS, Plane
@@ -144,6 +144,7 @@ class SiteRewrite:
         with self.graph.inserting_before(anchor):
             node = self.graph.call_function(op, args)
         node.meta["nn_module_stack"] = dict(anchor.meta.get("nn_module_stack", {}))
+        node.meta[UNIFORM_HEADS] = self.match.cache.marker.args[6]
         self.inserted.setdefault(pass_name, []).append(op_name(node))
         return node
 

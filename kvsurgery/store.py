@@ -95,6 +95,9 @@ class LayerPlan:
     row_keep: tuple[tuple[int, ...], ...] | None = None  # per batch row when rows differ (own prompt length)
     dense_slots: int | None = None  # slots of the full-precision k/v/pos when a pass packs the other tokens (quant)
     storage: str = ""  # how the tokens are stored when not all in full precision (shown by explain)
+    # every KV head of every row has the same planned capacity, so head h's segments start at h x (slots / heads);
+    # the CPU lowering then attends per head (`compiler.cpu_lowering`)
+    uniform_heads: bool = False
 
     @property
     def n_kv_heads(self) -> int:
@@ -222,7 +225,7 @@ class KVStore(Cache):
         layer = self.layers[layer_idx]
         names = ",".join(layer.plan.tensor_names)
         return torch.ops.kvsurgery.kv_update(
-            key_states, value_states, layer.tensors(), names, layer_idx, not self.prefilled
+            key_states, value_states, layer.tensors(), names, layer_idx, not self.prefilled, layer.plan.uniform_heads
         )
 
     def get_seq_length(self, layer_idx: int = 0):

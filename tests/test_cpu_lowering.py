@@ -51,10 +51,13 @@ def captured_graphs(monkeypatch):
     return graphs
 
 
+@pytest.mark.parametrize("lengths", [(40, 29), (40, 40)], ids=["rows-differ", "rows-equal"])
 @pytest.mark.parametrize(("recipe", "budget"), CASES)
-def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, budget, captured_graphs):
+def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, budget, lengths, captured_graphs):
+    """Rows of different lengths give segments of different sizes (attention over the whole store, masked); equal
+    rows give every KV head an equal segment (attention per head, its layout asserted in the graph)."""
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32, seed=3)
-    ids, mask = left_padded_batch([40, 29], seed=5)  # rows of different lengths: segments of different sizes
+    ids, mask = left_padded_batch(list(lengths), seed=5)
     kvsurgery.apply(model, recipe, budget)
     try:
         eager = _generate(model, ids, mask)
@@ -65,6 +68,7 @@ def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, b
     try:
         lowered = _generate(model, ids, mask)
         report = model._kvsurgery.reports["decode"]
+        uniform = {layer.plan.uniform_heads for layer in model._kvsurgery.last_store.layers}
     finally:
         kvsurgery.restore(model)
     assert len(captured_graphs) == 2, "one prefill and one decode graph"
@@ -74,4 +78,8 @@ def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, b
     left = _kvsurgery_ops(decode) & inserted
     assert not left, f"decode ops still opaque in the graph Inductor gets: {sorted(left)}"
     assert any(n.target == "index_put_" for n in decode.graph.nodes), "appends write the store in place"
+    if lengths[0] == lengths[1] or recipe == "full":  # every head keeps a row's whole prompt, unless Ada-KV splits it
+        assert uniform == {lengths[0] == lengths[1] and recipe != "adakv"}
+    per_head = any(n.target is torch._assert_async for n in decode.graph.nodes)
+    assert {per_head} == uniform, "attention per head exactly where the plan says the heads' segments are equal"
     assert torch.equal(lowered, eager), "the lowered decode graph gives the eager (reference) tokens"

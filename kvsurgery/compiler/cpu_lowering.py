@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, fx
 
+from kvsurgery.fx_utils import UNIFORM_HEADS
 from kvsurgery.reference.quant_codes import QuantSpec, compute_dtype
 from kvsurgery.reference.quant_layout import QuantLayout
 
@@ -58,6 +59,20 @@ def segment_slots(start: Tensor, length: Tensor, n_slots, device: torch.device) 
     return (s >= start[..., None]) & (s < (start + length)[..., None])
 
 
+def _check_uniform(start, n_slots, n_kv: int, device: torch.device, what: str) -> None:
+    """Assert, in the compiled graph, that head h's segment starts at h x (n_slots / n_kv) (what the planner promised
+    with `LayerPlan.uniform_heads`): a per-head view of any other layout would attend to the wrong slots."""
+    width = n_slots // n_kv
+    expected = _arange(start, n_kv, device) * width
+    message = f"internal: the {what} segments of a layer planned with equal KV heads are not equal"
+    torch._assert_async((start == expected).all(), message)
+
+
+def _per_head(t, n_kv: int):
+    """[B, S, ...] -> [B * n_kv, S / n_kv, ...]: each KV head's segment of a uniform layer as its own batch entry."""
+    return t.unflatten(1, (n_kv, -1)).flatten(0, 1)
+
+
 def _attend_flat(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor,
                  seen: Tensor, scale: float, window: int):  # fmt: skip
     """Decode attention over the whole store, each query head masked to its KV head's segment -> (out [B, Hq, 1, D],
@@ -76,13 +91,37 @@ def _attend_flat(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, g, -1), ok
 
 
-def attend(q, k_store, v_store, pos, start, length, seen, scale, window):
+def _attend_per_head(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor,
+                     seen: Tensor, scale: float, window: int):  # fmt: skip
+    """`_attend_flat` for a layer whose KV heads own equal segments: each query group attends to its own head's
+    segment only (a third of the multiply-adds at 3 KV heads) -> (out, probs [B, Hkv, G, S / Hkv], ok [B, Hkv, S /
+    Hkv])."""
+    b, hq, _, d = _value(q).shape
+    n_kv = _value(start).shape[1]
+    g, dt, device = hq // n_kv, _acc(_value(q).dtype), _value(q).device
+    _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
+    p = _per_head(pos, n_kv).reshape(b, n_kv, -1)
+    ok = (_arange(start, p.size(-1), device) < length[..., None]) & (p >= 0)
+    if window > 0:
+        ok = ok & (p > seen - 1 - window)
+    logits = torch.matmul(q.reshape(b * n_kv, g, d).to(dt), _per_head(k_store, n_kv).to(dt).transpose(1, 2)) * scale
+    probs = torch.softmax(logits.masked_fill(~ok.reshape(b * n_kv, 1, -1), NEG_INF), dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, _per_head(v_store, n_kv).to(dt))
+    return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, g, -1), ok
+
+
+def attend(q, k_store, v_store, pos, start, length, seen, scale, window, uniform_heads=False):
     """Lowered `kvsurgery::attend`."""
-    return _attend_flat(q, k_store, v_store, pos, start, length, seen, scale, window)[0]
+    fn = _attend_per_head if uniform_heads else _attend_flat
+    return fn(q, k_store, v_store, pos, start, length, seen, scale, window)[0]
 
 
-def attend_accumulate_(q, k_store, v_store, pos, slot_score, start, length, seen, scale, window):
+def attend_accumulate_(q, k_store, v_store, pos, slot_score, start, length, seen, scale, window, uniform_heads=False):
     """Lowered `kvsurgery::attend_accumulate_`: each slot gains its group's mean attention (zero off the group)."""
+    if uniform_heads:  # slot h * (S / Hkv) + j of the store is slot j of head h
+        out, probs, ok = _attend_per_head(q, k_store, v_store, pos, start, length, seen, scale, window)
+        slot_score.add_(probs.mean(dim=2).float().masked_fill(~ok, 0.0).flatten(1))
+        return out
     out, probs, ok = _attend_flat(q, k_store, v_store, pos, start, length, seen, scale, window)
     gain = probs.mean(dim=2).float().masked_fill(~ok, 0.0)  # [B, Hkv, S]; a slot is in one head's segment only
     slot_score.add_(gain.sum(dim=1))
@@ -166,11 +205,41 @@ def _dequantized(codes, scale, low, spec: QuantSpec, dt: torch.dtype):
     return (x * scale + low).reshape(b, -1, planes * width)
 
 
+def _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes, qk_scale, qk_low, qv_codes,
+                               qv_scale, qv_low, q_start, q_len, scale, lay: QuantLayout):  # fmt: skip
+    """`attend_quantized` for a layer whose KV heads own equal segments in both regions: each query group attends
+    to its own head's packed and dense slots only."""
+    b, hq, _, d = _value(q).shape
+    n_kv = _value(start).shape[1]
+    g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
+    _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
+    _check_uniform(q_start, qk_codes.size(1), n_kv, device, "packed")
+    qf = q.reshape(b * n_kv, g, d).to(dt)
+    k_hat = _per_head(_dequantized(qk_codes, qk_scale, qk_low, lay.k, dt), n_kv)  # [B * Hkv, packed / Hkv, D]
+    packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
+    packed_ok = _arange(start, k_hat.size(1), device) < q_len.reshape(-1, 1)
+    dense = torch.matmul(qf, _per_head(k_store, n_kv).to(dt).transpose(1, 2)) * scale
+    p = _per_head(pos, n_kv).reshape(b * n_kv, -1)
+    dense_ok = (_arange(start, p.size(-1), device) < length.reshape(-1, 1)) & (p >= 0)
+    logits = torch.cat(
+        [packed.masked_fill(~packed_ok[:, None], NEG_INF), dense.masked_fill(~dense_ok[:, None], NEG_INF)], dim=-1
+    )
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    n_packed = k_hat.size(1)
+    v_hat = _per_head(_dequantized(qv_codes, qv_scale, qv_low, lay.v, dt), n_kv)
+    out = _channel_order(torch.matmul(probs[..., :n_packed], v_hat), 8 // lay.v.bits)
+    out = out + torch.matmul(probs[..., n_packed:], _per_head(v_store, n_kv).to(dt))
+    return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
+
+
 def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk_scale, qk_low, qv_codes, qv_scale,
-                     qv_low, q_start, q_len, scale, layout, squeeze):  # fmt: skip
+                     qv_low, q_start, q_len, scale, layout, squeeze, uniform_heads=False):  # fmt: skip
     """Lowered `kvsurgery::attend_quantized`: one softmax over the dequantized packed slots and the dense region, each
     query head masked to its KV head's segments."""
     lay = QuantLayout.parse(layout)
+    if uniform_heads:
+        return _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes, qk_scale, qk_low,
+                                          qv_codes, qv_scale, qv_low, q_start, q_len, scale, lay)  # fmt: skip
     b, hq, _, d = _value(q).shape
     n_kv = _value(start).shape[1]
     g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
@@ -306,6 +375,9 @@ def _lowerings() -> dict[object, tuple[Callable, Callable]]:
     }
 
 
+_PER_HEAD = {"attend", "attend_accumulate_", "attend_quantized"}  # lowerings with a per-head form (uniform_heads)
+
+
 def lower_decode_ops(graph: fx.Graph) -> int:
     """Replace every kvsurgery op of `graph` that has a lowering by its aten ops, traced in place. Returns how many."""
     tracer = fx.proxy.GraphAppendingTracer(graph)
@@ -314,9 +386,12 @@ def lower_decode_ops(graph: fx.Graph) -> int:
         fn, allowed = _lowerings().get(node.target, (None, None)) if node.op == "call_function" else (None, None)
         if fn is None or not allowed(node.args):
             continue
+        kwargs = dict(node.kwargs)
+        if node.target._opname in _PER_HEAD and node.meta.get(UNIFORM_HEADS):
+            kwargs["uniform_heads"] = True
         with graph.inserting_before(node):
             args = [fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in node.args]
-            out = fn(*args, **node.kwargs)
+            out = fn(*args, **kwargs)
         if out is not None:
             node.replace_all_uses_with(out.node)
         graph.erase_node(node)

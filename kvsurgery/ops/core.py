@@ -43,10 +43,10 @@ def like_t(t: Tensor) -> Tensor:
 
 OPS = (
     # Emitted by `KVStore.update`; carries the layer's store tensors and their comma-separated names, so passes
-    # can wire them into the ops they insert.
+    # can wire them into the ops they insert, and whether its KV heads' segments are equal (LayerPlan.uniform_heads).
     OpDef(
         "kv_update",
-        ("Tensor k", "Tensor v", "Tensor[] store", "str names", "int layer_idx", "bool prefill"),
+        ("Tensor k", "Tensor v", "Tensor[] store", "str names", "int layer_idx", "bool prefill", "bool uniform_heads"),
         not_rewritten,
         new_kv,
         returns="(Tensor, Tensor)",

@@ -114,10 +114,12 @@ def test_kv_update_marker():
     names = ",".join(s)
     with torch._subclasses.FakeTensorMode() as mode:
         fk, fv = mode.from_tensor(k), mode.from_tensor(v)
-        out_k, out_v = torch.ops.kvsurgery.kv_update(fk, fv, [mode.from_tensor(t) for t in s.values()], names, 0, True)
+        out_k, out_v = torch.ops.kvsurgery.kv_update(
+            fk, fv, [mode.from_tensor(t) for t in s.values()], names, 0, True, False
+        )
     assert out_k.shape == k.shape and out_v.shape == v.shape
     with pytest.raises(SurgeryNotAppliedError, match="never falls back"):
-        torch.ops.kvsurgery.kv_update(k, v, list(s.values()), names, 3, True)
+        torch.ops.kvsurgery.kv_update(k, v, list(s.values()), names, 3, True, False)
     assert kvsurgery.ops.OPS["kv_update"].writes == ()
 
 
