@@ -4,16 +4,23 @@ Inductor cannot see into a custom op: on CPU each `kvsurgery::*` decode op runs 
 every head's segment of the store into a dense copy before attending (`kvsurgery.reference`). Here, before the
 graph goes to Inductor, each decode op is replaced by an equivalent written over the store as it lies in memory:
 
-- attention multiplies every query head with every slot of the layer's store (one matmul that reads the store
-  once) and masks each head to the filled slots of its own KV head's segment; at decode the extra multiply-adds
-  (x the KV-head count) cost less than gathering a copy of the segments;
+- attention, where the plan gives every KV head an equal segment (`LayerPlan.uniform_heads`: planned budgets, rows
+  of one length), views the store per head and multiplies each query group with its own head's slots only, the
+  layout asserted in the graph (0.36 ms a layer at SmolLM2-135M's 4K shape on the 2-core box, against 0.69 ms for
+  the form below; 2026-12-03, one process, with glibc's mmap threshold raised so that each call reuses its
+  buffers, as a model's graph does from layer to layer);
+- otherwise (Ada-KV's or HeadKV's per-head budgets, rows of different lengths) it multiplies every query head
+  with every slot of the layer's store (one matmul that reads the store once) and masks each head to the filled
+  slots of its own KV head's segment: the extra multiply-adds (x the KV-head count) cost less than gathering a
+  copy of the segments;
 - appends write the new token in place (`index_put_`), choosing an evicted slot with the same rule as the
   reference, over the same flat slot axis;
 - KIVI's packed codes are unpacked by bit plane and dequantized (statistics broadcast by view) by one fused kernel
-  into a float copy that the two matmuls read, the query and the value output in plane order. Per layer at
-  SmolLM2-135M's 4K shape on the 2-core box: 1.37-1.44 ms, against 1.67-1.73 ms unpacking each code position and
-  gathering the statistics (2026-12-03, one process); fusing the dequantization into the logit and value
-  reductions themselves measured 47 ms (2026-12-02, contended), which Inductor's CPU code does not vectorize;
+  into a float copy that the two matmuls read, the query and the value output in plane order, per head where the
+  heads are equal. Per layer at SmolLM2-135M's 4K shape on the 2-core box: kivi2 0.91 ms per head against 1.19 ms
+  over the whole store, and 1.67-1.73 ms for unpacking each code position and gathering the statistics
+  (2026-12-03, one process); fusing the dequantization into the logit and value reductions themselves measured
+  47 ms (2026-12-02, contended), which Inductor's CPU code does not vectorize;
 - KIVI's flush rewrites only the rows it changes (0.21 ms an append per layer, against 1.90-2.11 ms for a pass
   over every packed row).
 
