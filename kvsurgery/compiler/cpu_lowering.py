@@ -16,12 +16,11 @@ graph goes to Inductor, each decode op is replaced by an equivalent written over
 - appends write the new token in place (`index_put_`), choosing an evicted slot with the same rule as the
   reference, over the same flat slot axis;
 - KIVI's packed codes are unpacked by bit plane and dequantized (statistics broadcast by view) by one fused kernel
-  into a float copy that the two matmuls read, the query and the value output in plane order. Where the heads are
-  equal this runs one KV head at a time, so each head's copy (1 MB at 4K tokens, D = 64) is read back from cache
-  and the next head reuses its buffer: in a 6-layer SmolLM2-135M-shaped model at 4K, kivi2's decode kernels took
-  7.8 ms a step this way against 10.2 ms for all heads' copies at once (2026-12-03, torch profiler). Fusing the
-  dequantization into the logit and value reductions themselves took 192 ms a step there, which Inductor's CPU code
-  does not vectorize;
+  into a float copy that the two matmuls read, the query and the value output in plane order, per head where the
+  heads are equal. Per layer at SmolLM2-135M's 4K shape on the 2-core box: kivi2 0.91 ms per head against 1.19 ms
+  over the whole store, and 1.67-1.73 ms for unpacking each code position and gathering the statistics
+  (2026-12-03, one process); fusing the dequantization into the logit and value reductions themselves measured
+  47 ms (2026-12-02, contended), which Inductor's CPU code does not vectorize;
 - KIVI's flush rewrites only the rows it changes (0.21 ms an append per layer, against 1.90-2.11 ms for a pass
   over every packed row).
 
@@ -197,18 +196,20 @@ def _channel_order(x, planes: int):
     return x.unflatten(-1, (planes, -1)).transpose(-1, -2).flatten(-2)
 
 
-def _dequantized(codes, scale, low, spec: QuantSpec, dt: torch.dtype, dim: int):
-    """x̂ [R, S, dim] of every packed slot with its channels in plane order (`_plane_order`), the statistics
+def _dequantized(codes, scale, low, spec: QuantSpec, dt: torch.dtype):
+    """x̂ [B, S, D] of every packed slot with its channels in plane order (`_plane_order`), the statistics
     broadcast by view, not gathered: Inductor computes it in one vectorised kernel."""
+    b, _, width = _value(codes).shape
     planes = 8 // spec.bits
-    x = _bit_planes(codes, spec.bits).to(dt)  # [R, S, P, dim / P]
+    x = _bit_planes(codes, spec.bits).to(dt)
     if spec.axis == "token":  # one (scale, lo) per slot and group of channels: runs of group // P in each plane
-        x = x.unflatten(-1, (dim // spec.group, -1))
-        return (x * scale.to(dt)[:, :, None, :, None] + low.to(dt)[:, :, None, :, None]).flatten(2)
+        groups = _value(scale).shape[-1]
+        x = x.reshape(b, -1, planes, groups, width // groups)
+        return (x * scale.to(dt)[:, :, None, :, None] + low.to(dt)[:, :, None, :, None]).reshape(b, -1, planes * width)
     # one (scale, lo) per group of slots and channel: a store holds whole groups of packed slots
-    x = x.unflatten(1, (-1, spec.group))
-    scale, low = (_plane_order(t.to(dt), planes).unflatten(-1, (planes, -1))[:, :, None] for t in (scale, low))
-    return (x * scale + low).flatten(3).flatten(1, 2)
+    x = x.reshape(b, -1, spec.group, planes, width)
+    scale, low = (_plane_order(t.to(dt), planes).reshape(b, -1, 1, planes, width) for t in (scale, low))
+    return (x * scale + low).reshape(b, -1, planes * width)
 
 
 def _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes, qk_scale, qk_low, qv_codes,
@@ -220,19 +221,10 @@ def _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes
     g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
     _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
     _check_uniform(q_start, qk_codes.size(1), n_kv, device, "packed")
-    qf = q.reshape(b, n_kv, g, d).to(dt)
-    # One KV head at a time: its float copy of the packed slots (1 MB at 4K tokens and D = 64) is written and read
-    # again while it is still in cache, and the next head's copy reuses its buffer.
-    heads = [t.unflatten(1, (n_kv, -1)) for t in (qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low)]
-    planes_k, planes_v = 8 // lay.k.bits, 8 // lay.v.bits
-    packed = []
-    for h in range(n_kv):
-        k_hat = _dequantized(*(t[:, h] for t in heads[:3]), lay.k, dt, d)  # [B, packed / Hkv, D]
-        packed.append(torch.matmul(_plane_order(qf[:, h], planes_k), k_hat.transpose(1, 2)))
-    packed = torch.stack(packed, dim=1).flatten(0, 1) * scale  # [B * Hkv, G, packed / Hkv]
-    n_packed = packed.size(-1)
-    packed_ok = _arange(start, n_packed, device) < q_len.reshape(-1, 1)
-    qf = qf.flatten(0, 1)
+    qf = q.reshape(b * n_kv, g, d).to(dt)
+    k_hat = _per_head(_dequantized(qk_codes, qk_scale, qk_low, lay.k, dt), n_kv)  # [B * Hkv, packed / Hkv, D]
+    packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
+    packed_ok = _arange(start, k_hat.size(1), device) < q_len.reshape(-1, 1)
     dense = torch.matmul(qf, _per_head(k_store, n_kv).to(dt).transpose(1, 2)) * scale
     p = _per_head(pos, n_kv).reshape(b * n_kv, -1)
     dense_ok = (_arange(start, p.size(-1), device) < length.reshape(-1, 1)) & (p >= 0)
@@ -240,13 +232,9 @@ def _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes
         [packed.masked_fill(~packed_ok[:, None], NEG_INF), dense.masked_fill(~dense_ok[:, None], NEG_INF)], dim=-1
     )
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    packed_probs = probs[..., :n_packed].unflatten(0, (b, n_kv))
-    dv = _value(v_store).shape[-1]
-    out = []
-    for h in range(n_kv):
-        v_hat = _dequantized(*(t[:, h] for t in heads[3:]), lay.v, dt, dv)
-        out.append(torch.matmul(packed_probs[:, h], v_hat))
-    out = _channel_order(torch.stack(out, dim=1).flatten(0, 1), planes_v)
+    n_packed = k_hat.size(1)
+    v_hat = _per_head(_dequantized(qv_codes, qv_scale, qv_low, lay.v, dt), n_kv)
+    out = _channel_order(torch.matmul(probs[..., :n_packed], v_hat), 8 // lay.v.bits)
     out = out + torch.matmul(probs[..., n_packed:], _per_head(v_store, n_kv).to(dt))
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
 
@@ -270,12 +258,12 @@ def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk
     dense_ok = per_query_head(segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :])
     dense = torch.matmul(qf, k_store.to(dt).transpose(1, 2)) * scale
     packed_ok = per_query_head(segment_slots(q_start, q_len, qk_codes.size(1), device))
-    k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, dt, d)  # channels in plane order, as the query then
+    k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, dt)  # channels in plane order, as the query then
     packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
     logits = torch.cat([packed.masked_fill(~packed_ok, NEG_INF), dense.masked_fill(~dense_ok, NEG_INF)], dim=-1)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     n_packed = qk_codes.size(1)
-    v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, dt, _value(v_store).shape[-1])
+    v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, dt)
     out = _channel_order(torch.matmul(probs[:, :, :n_packed], v_hat), 8 // lay.v.bits)
     out = out + torch.matmul(probs[:, :, n_packed:], v_store.to(dt))
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
