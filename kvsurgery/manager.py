@@ -87,6 +87,7 @@ class Recipe:
             rows = tuple(tuple(state.keep) for state in states)
             first = states[0]
             keep = tuple(max(column) for column in zip(*rows, strict=True))
+            row_keep = rows if len(set(rows)) > 1 else None
             plans.append(
                 LayerPlan(
                     layer=site.layer,
@@ -98,10 +99,10 @@ class Recipe:
                     sliding_window=site.sliding_window,
                     score_slots=first.eviction is not None and first.eviction.by_score,
                     planes=_widest_planes(states),
-                    row_keep=rows if len(set(rows)) > 1 else None,
+                    row_keep=row_keep,
                     dense_slots=max(s.dense_slots for s in states) if first.dense_slots is not None else None,
                     storage=first.storage,
-                    uniform_heads=len(set(rows)) == 1 and len(set(keep)) == 1 and not self.dynamic_budgets,
+                    uniform_heads=row_keep is None and len(set(keep)) == 1 and not self.dynamic_budgets,
                 )
             )
         return plans
@@ -153,11 +154,11 @@ class Recipe:
                     "pass the cache created by the rewritten model (or none) to forward/generate"
                 )
             marker = match.cache.marker
-            _, _, tensors, names, _, prefill, _ = marker.args
+            _, _, tensors, names, _, prefill, uniform_heads = marker.args
             phase = "prefill" if prefill else "decode"
             report.phase = phase
             store = dict(zip(names.split(","), tensors, strict=True))
-            rw = SiteRewrite(graph, self, sites[match.layer], match, phase, store)
+            rw = SiteRewrite(graph, self, sites[match.layer], match, phase, store, uniform_heads)
             for p in self.passes:
                 before = set(rw.products)
                 p.rewrite(rw)

@@ -119,6 +119,7 @@ class SiteRewrite:
     match: SiteMatch
     phase: str  # "prefill" or "decode"
     store: dict[str, fx.Node]
+    uniform_heads: bool  # the layer's KV heads own equal segments (`LayerPlan.uniform_heads`, from the marker)
     products: dict[str, Any] = field(default_factory=dict)
     inserted: dict[str, list[str]] = field(default_factory=dict)
 
@@ -144,7 +145,7 @@ class SiteRewrite:
         with self.graph.inserting_before(anchor):
             node = self.graph.call_function(op, args)
         node.meta["nn_module_stack"] = dict(anchor.meta.get("nn_module_stack", {}))
-        node.meta[UNIFORM_HEADS] = self.match.cache.marker.args[6]
+        node.meta[UNIFORM_HEADS] = self.uniform_heads
         self.inserted.setdefault(pass_name, []).append(op_name(node))
         return node
 

@@ -35,8 +35,8 @@ RSS_ALLOWANCE_MIB = 48
 # Python objects the process may gain per cycle: Dynamo's bounded compile-metrics log (3 records a cycle until it
 # holds 64) and stdlib bookkeeping. One trace kept alive (its ShapeEnv, fakes and dispatch cache) is ~2,200
 OBJECTS_PER_CYCLE = 200
-# cycles before the baselines: the allocator keeps the first freed copies' pages, and the second compile fills
-# sympy's bounded caches (about 260 objects, once; cycles after it keep about 35)
+# cycles before the baselines: the allocator keeps the first freed copies' pages, and the second compile adds about
+# 260 objects once, most of them sympy expressions and tuples (cycles after it keep about 35)
 WARM_UP = {False: 2, True: 2}
 
 

@@ -17,7 +17,7 @@ graph goes to Inductor, each decode op is replaced by an equivalent written over
   reference, over the same flat slot axis;
 - KIVI's packed codes are unpacked by bit plane and dequantized (statistics broadcast by view) by one fused kernel
   into a float copy that the two matmuls read, the query and the value output in plane order, per head where the
-  heads are equal. Per layer at SmolLM2-135M's 4K shape on the 2-core box: kivi2 0.91 ms per head against 1.19 ms
+  heads are equal. Per layer at SmolLM2-135M's 4K shape on the 2-core box: kivi2 0.92 ms per head against 1.19 ms
   over the whole store, and 1.67-1.73 ms for unpacking each code position and gathering the statistics
   (2026-12-03, one process); fusing the dequantization into the logit and value reductions themselves measured
   47 ms (2026-12-02, contended), which Inductor's CPU code does not vectorize;
@@ -80,6 +80,26 @@ def _per_head(t, n_kv: int):
     return t.unflatten(1, (n_kv, -1)).flatten(0, 1)
 
 
+def _masked_attention(q, k, v, allowed, scale: float):
+    """softmax(q k^T x scale, keys not `allowed` at -inf) v -> (out, probs): q [R, G, D], k and v [R, S, *], `allowed`
+    broadcast to [R, G, S]. A query with no allowed key gets zeros."""
+    logits = torch.matmul(q, k.transpose(1, 2)) * scale
+    probs = torch.softmax(logits.masked_fill(~allowed, NEG_INF), dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs, v), probs
+
+
+def _two_region_attention(qf, k_hat, v_hat, k_dense, v_dense, packed_ok, dense_ok, scale: float, lay: QuantLayout):
+    """One softmax over the packed slots (dequantized, channels in plane order) and the dense slots -> output
+    [R, G, Dv] in channel order: qf [R, G, D], masks broadcast to [R, G, packed] and [R, G, dense]."""
+    packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
+    dense = torch.matmul(qf, k_dense.transpose(1, 2)) * scale
+    logits = torch.cat([packed.masked_fill(~packed_ok, NEG_INF), dense.masked_fill(~dense_ok, NEG_INF)], dim=-1)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    n_packed = k_hat.size(1)
+    out = _channel_order(torch.matmul(probs[..., :n_packed], v_hat), 8 // lay.v.bits)
+    return out + torch.matmul(probs[..., n_packed:], v_dense)
+
+
 def _attend_flat(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor,
                  seen: Tensor, scale: float, window: int):  # fmt: skip
     """Decode attention over the whole store, each query head masked to its KV head's segment -> (out [B, Hq, 1, D],
@@ -91,10 +111,8 @@ def _attend_flat(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start
     ok = segment_slots(start, length, k_store.size(1), _value(q).device) & (pos >= 0)[:, None, :]
     if window > 0:
         ok = ok & (pos > seen - 1 - window)[:, None, :]
-    logits = torch.matmul(q.reshape(b, hq, d).to(dt), k_store.to(dt).transpose(1, 2)) * scale
     allowed = ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
-    probs = torch.softmax(logits.masked_fill(~allowed, NEG_INF), dim=-1).nan_to_num(0.0)
-    out = torch.matmul(probs, v_store.to(dt))
+    out, probs = _masked_attention(q.reshape(b, hq, d).to(dt), k_store.to(dt), v_store.to(dt), allowed, scale)
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, g, -1), ok
 
 
@@ -107,13 +125,12 @@ def _attend_per_head(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, s
     n_kv = _value(start).shape[1]
     g, dt, device = hq // n_kv, _acc(_value(q).dtype), _value(q).device
     _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
-    p = _per_head(pos, n_kv).reshape(b, n_kv, -1)
+    p = pos.unflatten(1, (n_kv, -1))
     ok = (_arange(start, p.size(-1), device) < length[..., None]) & (p >= 0)
     if window > 0:
         ok = ok & (p > seen - 1 - window)
-    logits = torch.matmul(q.reshape(b * n_kv, g, d).to(dt), _per_head(k_store, n_kv).to(dt).transpose(1, 2)) * scale
-    probs = torch.softmax(logits.masked_fill(~ok.reshape(b * n_kv, 1, -1), NEG_INF), dim=-1).nan_to_num(0.0)
-    out = torch.matmul(probs, _per_head(v_store, n_kv).to(dt))
+    k, v = (_per_head(t, n_kv).to(dt) for t in (k_store, v_store))
+    out, probs = _masked_attention(q.reshape(b * n_kv, g, d).to(dt), k, v, ok.reshape(b * n_kv, 1, -1), scale)
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, g, -1), ok
 
 
@@ -221,21 +238,14 @@ def _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes
     g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
     _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
     _check_uniform(q_start, qk_codes.size(1), n_kv, device, "packed")
-    qf = q.reshape(b * n_kv, g, d).to(dt)
     k_hat = _per_head(_dequantized(qk_codes, qk_scale, qk_low, lay.k, dt), n_kv)  # [B * Hkv, packed / Hkv, D]
-    packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
-    packed_ok = _arange(start, k_hat.size(1), device) < q_len.reshape(-1, 1)
-    dense = torch.matmul(qf, _per_head(k_store, n_kv).to(dt).transpose(1, 2)) * scale
-    p = _per_head(pos, n_kv).reshape(b * n_kv, -1)
-    dense_ok = (_arange(start, p.size(-1), device) < length.reshape(-1, 1)) & (p >= 0)
-    logits = torch.cat(
-        [packed.masked_fill(~packed_ok[:, None], NEG_INF), dense.masked_fill(~dense_ok[:, None], NEG_INF)], dim=-1
-    )
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    n_packed = k_hat.size(1)
     v_hat = _per_head(_dequantized(qv_codes, qv_scale, qv_low, lay.v, dt), n_kv)
-    out = _channel_order(torch.matmul(probs[..., :n_packed], v_hat), 8 // lay.v.bits)
-    out = out + torch.matmul(probs[..., n_packed:], _per_head(v_store, n_kv).to(dt))
+    packed_ok = _arange(start, k_hat.size(1), device) < q_len.reshape(-1, 1)
+    p = _per_head(pos, n_kv)
+    dense_ok = (_arange(start, p.size(-1), device) < length.reshape(-1, 1)) & (p >= 0)
+    k_dense, v_dense = (_per_head(t, n_kv).to(dt) for t in (k_store, v_store))
+    qf = q.reshape(b * n_kv, g, d).to(dt)
+    out = _two_region_attention(qf, k_hat, v_hat, k_dense, v_dense, packed_ok[:, None], dense_ok[:, None], scale, lay)
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
 
 
@@ -256,16 +266,10 @@ def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk
         return ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
 
     dense_ok = per_query_head(segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :])
-    dense = torch.matmul(qf, k_store.to(dt).transpose(1, 2)) * scale
     packed_ok = per_query_head(segment_slots(q_start, q_len, qk_codes.size(1), device))
     k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, dt)  # channels in plane order, as the query then
-    packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
-    logits = torch.cat([packed.masked_fill(~packed_ok, NEG_INF), dense.masked_fill(~dense_ok, NEG_INF)], dim=-1)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    n_packed = qk_codes.size(1)
     v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, dt)
-    out = _channel_order(torch.matmul(probs[:, :, :n_packed], v_hat), 8 // lay.v.bits)
-    out = out + torch.matmul(probs[:, :, n_packed:], v_store.to(dt))
+    out = _two_region_attention(qf, k_hat, v_hat, k_store.to(dt), v_store.to(dt), packed_ok, dense_ok, scale, lay)
     return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
 
 
@@ -382,7 +386,7 @@ def _lowerings() -> dict[object, tuple[Callable, Callable]]:
     }
 
 
-_PER_HEAD = {"attend", "attend_accumulate_", "attend_quantized"}  # lowerings with a per-head form (uniform_heads)
+_PER_HEAD = {attend, attend_accumulate_, attend_quantized}  # lowerings with a per-head form (`uniform_heads`)
 
 
 def lower_decode_ops(graph: fx.Graph) -> int:
@@ -394,7 +398,7 @@ def lower_decode_ops(graph: fx.Graph) -> int:
         if fn is None or not allowed(node.args):
             continue
         kwargs = dict(node.kwargs)
-        if node.target._opname in _PER_HEAD and node.meta.get(UNIFORM_HEADS):
+        if fn in _PER_HEAD and node.meta.get(UNIFORM_HEADS):
             kwargs["uniform_heads"] = True
         with graph.inserting_before(node):
             args = [fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in node.args]
