@@ -26,12 +26,19 @@ CASES = [
 ]
 
 
-def _generate(model, ids, mask):
+def _generate(model, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new tokens [B, NEW_TOKENS], their logits [NEW_TOKENS, B, vocab]) of a greedy generate."""
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-    return out[:, ids.shape[1] :]
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits)
 
 
 def _kvsurgery_ops(gm: torch.fx.GraphModule) -> set[str]:
@@ -60,13 +67,13 @@ def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, b
     ids, mask = left_padded_batch(list(lengths), seed=5)
     kvsurgery.apply(model, recipe, budget)
     try:
-        eager = _generate(model, ids, mask)
+        eager, eager_logits = _generate(model, ids, mask)
     finally:
         kvsurgery.restore(model)
     torch._dynamo.reset()
     kvsurgery.apply(model, recipe, budget, compile=True)
     try:
-        lowered = _generate(model, ids, mask)
+        lowered, lowered_logits = _generate(model, ids, mask)
         report = model._kvsurgery.reports["decode"]
         uniform = {layer.plan.uniform_heads for layer in model._kvsurgery.last_store.layers}
     finally:
@@ -83,3 +90,5 @@ def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, b
     per_head = any(n.target is torch._assert_async for n in decode.graph.nodes)
     assert {per_head} == uniform, "attention per head exactly where the plan says the heads' segments are equal"
     assert torch.equal(lowered, eager), "the lowered decode graph gives the eager (reference) tokens"
+    # every decode step's logits, not only the argmax: a wrong statistic or slot moves them far beyond rounding
+    torch.testing.assert_close(lowered_logits, eager_logits, rtol=1e-4, atol=1e-4)

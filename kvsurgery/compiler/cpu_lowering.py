@@ -216,12 +216,10 @@ def _channel_order(x, planes: int):
     return x.unflatten(-1, (planes, -1)).transpose(-1, -2).flatten(-2)
 
 
-_VECTOR = 16  # floats in a CPU vector register (AVX-512)
-
-
 def _per_byte(stats, run: int, width: int, device: torch.device):
     """Per-token statistics [R, S, groups] -> [R, S, width]: byte w's group (w // run) picked by comparisons on w.
-    Split into runs shorter than a vector, Inductor would vectorise over the run (masked, part of a register)."""
+    With the plane split into runs instead, Inductor vectorises over a run, which can be shorter than a register
+    (8 floats at 2 bits and 32-channel groups: half an AVX-512 register, masked)."""
     w = _arange(stats, width, device)
     out = stats[..., :1]
     for k in range(1, width // run):
@@ -249,11 +247,7 @@ def _dequantized(codes, scale, low, spec: QuantSpec, dt: torch.dtype, n_kv: int 
     codes, scale, low = (_per_head(t, n_kv) if n_kv > 1 else t for t in (codes, scale, low))
     x = _bit_planes(codes, spec.bits, device).to(dt)  # [R, S, P, W]
     if spec.axis == "token":  # one (scale, lo) per slot and group of channels: runs of group // P in each plane
-        run = width // groups
-        if run >= _VECTOR:
-            x = x.unflatten(-1, (groups, run))
-            return (x * scale.to(dt)[:, :, None, :, None] + low.to(dt)[:, :, None, :, None]).flatten(2)
-        scale, low = (_per_byte(t.to(dt), run, width, device)[:, :, None] for t in (scale, low))
+        scale, low = (_per_byte(t.to(dt), width // groups, width, device)[:, :, None] for t in (scale, low))
         return (x * scale + low).flatten(2)
     # one (scale, lo) per group of slots and channel, looked up by slot // group: splitting the symbolic slot axis
     # into groups would leave Inductor sizes it cannot prove equal (a copy before each matmul)
