@@ -23,8 +23,9 @@ graph goes to Inductor, each decode op is replaced by an equivalent written over
   statistics are picked by comparisons on the byte, not by splitting a plane into runs shorter than a vector; and
   the planes are unpacked by broadcast shifts, not stacked (a `cat`). Per layer at SmolLM2-135M's 4K shape on the
   2-core box (kernel profile of a one-layer model, 2026-12-03): 0.13 ms for K and 0.13 ms for V, against 0.64 ms
-  (K, with RoPE), 0.25 ms (V) and 0.40 ms of `cat` before; fusing the dequantization into the logit and value
-  reductions themselves measured 47 ms (2026-12-02, contended), which Inductor's CPU code does not vectorize;
+  (K, with RoPE), 0.25 ms (V) and 0.40 ms of `cat` before. Dequantizing inside the logit and value reductions
+  instead, so that x̂ is never written, matched this in an isolated function but gave one 20.4 ms kernel a layer in
+  the model's decode graph (same profile);
 - KIVI's flush rewrites only the rows it changes (0.21 ms an append per layer, against 1.90-2.11 ms for a pass
   over every packed row).
 
@@ -241,18 +242,17 @@ def _dequantized(codes, scale, low, spec: QuantSpec, dt: torch.dtype, n_kv: int 
     channels in plane order (`_plane_order`). Inductor computes it in one kernel vectorised over a plane's bytes and
     writes it once, in the layout the matmuls read."""
     width = _value(codes).shape[-1]
-    groups = _value(scale).shape[-1]
     planes = 8 // spec.bits
     device = _value(codes).device
     codes, scale, low = (_per_head(t, n_kv) if n_kv > 1 else t for t in (codes, scale, low))
     x = _bit_planes(codes, spec.bits, device).to(dt)  # [R, S, P, W]
-    if spec.axis == "token":  # one (scale, lo) per slot and group of channels: runs of group // P in each plane
-        scale, low = (_per_byte(t.to(dt), width // groups, width, device)[:, :, None] for t in (scale, low))
+    if spec.axis == "token":  # one (scale, lo) per slot and group of channels: runs of group // P bytes a plane
+        scale, low = (_per_byte(t.to(dt), spec.group // planes, width, device)[:, :, None] for t in (scale, low))
         return (x * scale + low).flatten(2)
     # one (scale, lo) per group of slots and channel, looked up by slot // group: splitting the symbolic slot axis
     # into groups would leave Inductor sizes it cannot prove equal (a copy before each matmul)
     group_of = _arange(codes, codes.size(1), device) // spec.group
-    scale, low = (_realized_plane_order(t.to(dt), planes, groups)[:, group_of] for t in (scale, low))
+    scale, low = (_realized_plane_order(t.to(dt), planes, planes * width)[:, group_of] for t in (scale, low))
     return (x * scale + low).flatten(2)
 
 
