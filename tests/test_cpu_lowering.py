@@ -85,6 +85,8 @@ def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, b
     left = _kvsurgery_ops(decode) & inserted
     assert not left, f"decode ops still opaque in the graph Inductor gets: {sorted(left)}"
     assert any(n.target == "index_put_" for n in decode.graph.nodes), "appends write the store in place"
+    flushes = "kvsurgery.flush_quantized_" in _kvsurgery_ops(decode)
+    assert flushes == ("kivi" in recipe), "KIVI's flush stays an op that returns at once on steps that do not flush"
     if lengths[0] == lengths[1] or recipe == "full":  # every head keeps a row's whole prompt, unless Ada-KV splits it
         assert uniform == {lengths[0] == lengths[1] and recipe != "adakv"}
     per_head = any(n.target is torch._assert_async for n in decode.graph.nodes)

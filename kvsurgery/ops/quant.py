@@ -13,6 +13,8 @@ from kvsurgery.store import CORE_TENSORS, QUANT_TENSORS
 STORE = (*CORE_TENSORS, *QUANT_TENSORS)
 # what decode attention reads: the dense region's k/v/pos and tables, the packed planes and their starts/lengths
 READ = ("k_store", "v_store", "pos", "start", "length", "seen", *QUANT_TENSORS[:7], "q_len")
+# what a KIVI flush writes: the residual moved forward, the packed planes it fills and their lengths
+FLUSHED = ("k_store", "v_store", "pos", "length", *QUANT_TENSORS[:6], "q_len")
 
 OPS = (
     # Prefill: keep what the unquantized store keeps; pack the layout's share, the rest stays full precision.
@@ -40,6 +42,9 @@ OPS = (
         quant_reference.append_quantized_,
         writes=STORE,
     ),
+    # Decode, the flush alone (what a CPU graph calls before its lowered append, so that quantization runs only on
+    # the steps that flush: a graph has no branch; `kvsurgery.compiler.cpu_lowering`).
+    OpDef("flush_quantized_", (*STORE, "str layout"), quant_reference.flush_quantized_, writes=FLUSHED),
     # Decode attention over the packed (dequantized, logit-squeezed) and full-precision tokens -> [B, Hq, 1, D].
     OpDef(
         "attend_quantized",

@@ -221,11 +221,16 @@ def flush_residual_(s: LayerTensors, lay: QuantLayout) -> None:
     s.length.sub_(full.to(s.length.dtype) * g)
 
 
-def append_quantized_(s: LayerTensors, k: Tensor, v: Tensor, layout: str) -> None:
-    """Decode: (KIVI) flush full residuals, then append the new token to the dense region of every head."""
+def flush_quantized_(s: LayerTensors, layout: str) -> None:
+    """Decode, before the append: (KIVI) flush full residuals; nothing for layouts without a residual."""
     lay = QuantLayout.parse(layout)
     if lay.residual:
         flush_residual_(s, lay)
+
+
+def append_quantized_(s: LayerTensors, k: Tensor, v: Tensor, layout: str) -> None:
+    """Decode: (KIVI) flush full residuals, then append the new token to the dense region of every head."""
+    flush_quantized_(s, layout)
     if bool((s.length >= s.cap).any()):
         raise KVSurgeryError("internal: a quantized store's full-precision region is full; its plan undercounted room")
     reference.append_(s, k, v, 0, 0, False, False, "position")

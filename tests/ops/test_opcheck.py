@@ -82,6 +82,7 @@ def cases() -> dict[str, tuple]:
         "snapshot": (keep,),
         "select_quantized_": (*quant_store().values(), k, v, scores, None, None, None, 1, 1, KIVI.text()),
         "append_quantized_": (*qs.values(), k1, v1, KIVI.text()),
+        "flush_quantized_": (*qs.values(), KIVI.text()),
         "attend_quantized": (q1, *qdense, *packed, SCALE, KIVI.text(), 0.0),
         "prefixkv_scores": (q, k, mask, SCALE),
         "prefixkv_append_": (*core(s), k1, v1, 0.5, 1),
