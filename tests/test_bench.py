@@ -85,3 +85,36 @@ def test_attention_rows_for_each_quantization_layout_count_the_bytes_their_store
         assert row["bytes_read"] == held + again == bytes_read(lay, packed, dense, n_kv, d, 1, 4, 4, squeeze)
         assert row["of_dense_bytes"] < 1
     assert split_recipes("kivi2(group=128,residual=256), quant1bit") == ("kivi2(group=128,residual=256)", "quant1bit")
+
+
+def test_rounds_time_rows_side_by_side_and_ratios_are_per_round(tmp_path, capsys):
+    """--rounds: every engine on its own copy of the model, each round times each once; a row's ratio to HF is the
+    median of the per-round ratios of the rounds' median steps."""
+    import statistics
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--contexts", "48", "--batch", "1", "--budget", "0.25",
+            "--recipes", "full,snapkv(window=4)", "--new-tokens", "4", "--rounds", "3", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["rounds"] == 3
+    rows = {(r["engine"], r["recipe"]): r for r in data["rows"] if r["engine"] != "kvpress"}
+    hf = rows[("hf", "full (dynamic cache)")]
+    static = rows[("hf", "full (static cache)")]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert len(row["rounds_ms"]) == 3 and all(ms > 0 for ms in row["rounds_ms"])
+        assert row["decode_mean_ms"] > 0 and row["decode_ms"] > 0
+        expected = statistics.median(h / x for h, x in zip(hf["rounds_ms"], row["rounds_ms"], strict=True))
+        assert row["vs_hf_default"] == expected
+        expected = statistics.median(s / x for s, x in zip(static["rounds_ms"], row["rounds_ms"], strict=True))
+        assert row["vs_hf_static"] == expected
+    assert hf["vs_hf_default"] == 1.0
+    printed = capsys.readouterr().out
+    assert printed.count("round ") == 3 and "round 3/3" in printed
+
+
+def test_rounds_and_repeats_are_not_combined(capsys):
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--rounds", "2", "--repeats", "2"]
+    assert cli.main(argv) == 2
+    assert "--rounds" in capsys.readouterr().err

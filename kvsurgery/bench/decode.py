@@ -14,6 +14,7 @@ JSON. `--attention` benchmarks the decode-attention kernel alone.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import itertools
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -75,7 +77,8 @@ class Row:
     status: str = "ok"  # ok | skipped | failed | oom
     reason: str = ""
     prefill_s: float | None = None
-    decode_ms: float | None = None
+    decode_ms: float | None = None  # the median step
+    decode_mean_ms: float | None = None  # the mean step (it counts the rare slow steps, e.g. KIVI's flushes)
     tokens_per_s: float | None = None
     peak_gib: float | None = None
     cache_gib: float | None = None
@@ -84,6 +87,7 @@ class Row:
     of_floor: float | None = None  # floor_ms / decode_ms: 1.0 would be at the bandwidth floor
     vs_hf_default: float | None = None  # HF DynamicCache decode ms / this decode ms, same context and batch
     vs_hf_static: float | None = None  # the fastest HF static-cache row's decode ms / this decode ms
+    rounds_ms: list[float] | None = None  # --rounds: the median step of each round's call
 
 
 def _tokens(text: str) -> list[int]:
@@ -100,6 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a real model instead of --shape: packaged name or local folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=1, help="timed generate() calls per row (median step of all)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the rows side by side: every engine on its own copy of the model (memory: one per row), then this "
+        "many rounds that time each once; ratios are the median of the per-round ratios (for a machine whose speed "
+        "drifts). Default: each row alone in turn",
+    )
     parser.add_argument(
         "--calibration", default=None, help="artefact for recipes that need one (default: synthetic, speed only)"
     )
@@ -219,24 +231,61 @@ def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def _measure(row: Row, run_once, device: torch.device, floor_bytes_of, bandwidth: float, repeats: int = 1) -> None:
-    """Warm up (compiles), then time `repeats` calls; fill the row's numbers (decode: the median step of all)."""
-    run_once()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    prefills, steps = [], []
-    for _ in range(repeats):
-        prefill_s, step_ms, cache_bytes = run_once()
-        prefills.append(prefill_s)
-        steps += step_ms
-    row.prefill_s, row.decode_ms = statistics.median(prefills), statistics.median(steps) if steps else float("nan")
+Call = tuple[float, list[float], int]  # one timed generate call: prefill s, decode ms of every step, cache bytes
+
+
+@dataclass
+class Engine:
+    """How one row generates: `once()` times a generate call; `close()` undoes its setup (`kvsurgery.restore`)."""
+
+    row: Row
+    once: Callable[[], Call]
+    close: Callable[[], None] = lambda: None
+
+
+def _fill(row: Row, calls: list[Call], floor_bytes_of, bandwidth: float) -> None:
+    """The row's numbers from its timed calls (decode: the median and the mean step of all)."""
+    steps = [ms for _, step_ms, _ in calls for ms in step_ms]
+    cache_bytes = calls[-1][2]
+    row.prefill_s = statistics.median(prefill for prefill, _, _ in calls)
+    row.decode_ms = statistics.median(steps) if steps else float("nan")
+    row.decode_mean_ms = statistics.fmean(steps) if steps else float("nan")
     row.tokens_per_s = row.batch * 1e3 / row.decode_ms
     row.cache_gib = cache_bytes / GIB
-    if device.type == "cuda":
-        row.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
     row.step_mb = floor_bytes_of(cache_bytes) / 1e6
     row.floor_ms = floor_bytes_of(cache_bytes) / bandwidth * 1e3
     row.of_floor = row.floor_ms / row.decode_ms
+
+
+def measure_alone(engine: Engine, device: torch.device, floor_bytes_of, bandwidth: float, repeats: int) -> None:
+    """Warm up (compiles), then time `repeats` calls of one engine; on CUDA also its peak memory."""
+    engine.once()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _fill(engine.row, [engine.once() for _ in range(repeats)], floor_bytes_of, bandwidth)
+    if device.type == "cuda":
+        engine.row.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
+
+
+def measure_interleaved(engines: list[Engine], device: torch.device, floor_bytes_of, bandwidth: float,
+                        rounds: int) -> None:  # fmt: skip
+    """Warm every engine up (compiles), then `rounds` rounds that time each engine once, so that a drift of the
+    machine's speed (a shared VM's neighbours, its clock) hits every engine alike; each row keeps its rounds' median
+    steps (`rounds_ms`) for the per-round ratios. Peak memory is not measured: every engine's model is resident."""
+    live = [e for e in engines if e.row.status == "ok"]
+    for e in live:
+        _guarded(e.row, device, e.once, release=False)
+    calls: dict[int, list[Call]] = {id(e): [] for e in live}
+    for i in range(rounds):
+        for e in live:
+            if e.row.status == "ok":
+                _guarded(e.row, device, lambda e=e: calls[id(e)].append(e.once()), release=False)
+        medians = (f"{e.row.recipe} {statistics.median(calls[id(e)][-1][1]):.1f}" for e in live if e.row.status == "ok")
+        print(f"round {i + 1}/{rounds}, median ms/token: " + ", ".join(medians), flush=True)
+    for e in live:
+        if e.row.status == "ok":
+            _fill(e.row, calls[id(e)], floor_bytes_of, bandwidth)
+            e.row.rounds_ms = [statistics.median(step_ms) for _, step_ms, _ in calls[id(e)]]
 
 
 def _release(device: torch.device) -> None:
@@ -246,8 +295,8 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _guarded(row: Row, device: torch.device, body) -> Row:
-    """Run a measurement; an out-of-memory or a kvsurgery error becomes the row's status, not a crash."""
+def _guarded(row: Row, device: torch.device, body, release: bool = True) -> Row:
+    """Run a step of a row; an out-of-memory or a kvsurgery error becomes the row's status, not a crash."""
     try:
         body()
     except torch.OutOfMemoryError as exc:
@@ -255,7 +304,8 @@ def _guarded(row: Row, device: torch.device, body) -> Row:
     except (KVSurgeryError, ValueError) as exc:
         row.status, row.reason = "failed", str(exc)
     finally:
-        _release(device)
+        if release:
+            _release(device)
     return row
 
 
@@ -301,51 +351,55 @@ def speed_calibration(model, recipe: str, folder: pathlib.Path, seed: int) -> di
     return {"calibration": str(path)}
 
 
-def hf_row(model, ids, args, device, floor, bandwidth, kind: str) -> Row:
+def hf_engine(model, ids, args, kind: str) -> Engine:
     """HF generate with its full cache: `HF_DEFAULT` (DynamicCache, eager), `HF_STATIC` (static cache; generate
     compiles it on CUDA) or `HF_STATIC_COMPILED` (static cache, generate's compile forced on a CPU)."""
     from transformers import CompileConfig
 
-    row = Row("hf", kind, ids.shape[1], ids.shape[0])
     options = {} if kind == HF_DEFAULT else {"cache_implementation": "static"}
     if kind == HF_STATIC_COMPILED:
         config = CompileConfig(fullgraph=True, mode="default")
         config._compile_all_devices = True  # transformers compiles on accelerators only unless told
         options["compile_config"] = config
 
-    def once():
+    def once() -> Call:
         prefill, steps, out = timed_generate(model, ids, args.new_tokens, **options)
         return prefill, steps, _cache_bytes(output_cache(out))
 
-    return _guarded(row, device, lambda: _measure(row, once, device, floor, bandwidth, args.repeats))
+    return Engine(Row("hf", kind, ids.shape[1], ids.shape[0]), once)
 
 
-def surgery_row(model, ids, recipe: str, args, device, floor, bandwidth, compile: bool) -> Row:
+def surgery_engine(model, ids, recipe: str, args, compile: bool) -> Engine:
+    """`recipe` applied to `model` (restored by `close`); a recipe this installation cannot build is a skipped row."""
     import kvsurgery
 
-    row = Row("kvsurgery", recipe, ids.shape[1], ids.shape[0])
+    def once() -> Call:
+        prefill, decode, _ = timed_generate(model, ids, args.new_tokens)
+        return prefill, decode, model._kvsurgery.last_store.nbytes
+
+    engine = Engine(Row("kvsurgery", recipe, ids.shape[1], ids.shape[0]), once)
     reason = _unregistered(recipe)
     if reason:
-        row.status, row.reason = "skipped", reason
-        return row
+        engine.row.status, engine.row.reason = "skipped", reason
+        return engine
+    with tempfile.TemporaryDirectory() as folder:
+        options = speed_calibration(model, recipe, pathlib.Path(folder), args.seed)
+        if options and args.calibration:
+            options = {"calibration": args.calibration}
+        kvsurgery.apply(model, recipe, _budget_for(recipe, args.budget), compile=compile, **options)
+    engine.close = lambda: kvsurgery.restore(model)
+    return engine
 
-    def body():
-        with tempfile.TemporaryDirectory() as folder:
-            options = speed_calibration(model, recipe, pathlib.Path(folder), args.seed)
-            if options and args.calibration:
-                options = {"calibration": args.calibration}
-            kvsurgery.apply(model, recipe, _budget_for(recipe, args.budget), compile=compile, **options)
-        try:
 
-            def once():
-                prefill, decode, _ = timed_generate(model, ids, args.new_tokens)
-                return prefill, decode, model._kvsurgery.last_store.nbytes
+def _built(row: Row, device: torch.device, build: Callable[[], Engine]) -> Engine:
+    """`build()`, or an engine of `row` saying why it could not be built (it is never timed)."""
+    built: list[Engine] = []
+    _guarded(row, device, lambda: built.append(build()), release=False)
+    return built[0] if built else Engine(row, _never)
 
-            _measure(row, once, device, floor, bandwidth, args.repeats)
-        finally:
-            kvsurgery.restore(model)
 
-    return _guarded(row, device, body)
+def _never() -> Call:
+    raise AssertionError("an engine that was not built is never timed")
 
 
 def kvpress_row(args, context: int, batch: int, dtype: torch.dtype, bandwidth: float, weights: int) -> Row:
@@ -382,17 +436,18 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("engine", "recipe", "ctx", "B", "prefill s", "ms/tok", "tok/s", "peak GiB", "cache GiB", "step MB",
-            "floor ms", "of floor", "vs HF default", "vs HF static")  # fmt: skip
+    head = ("engine", "recipe", "ctx", "B", "prefill s", "ms/tok", "mean ms", "tok/s", "peak GiB", "cache GiB",
+            "step MB", "floor ms", "of floor", "vs HF default", "vs HF static")  # fmt: skip
     lines = [head]
     for r in rows:
         if r.status != "ok":
             lines.append((r.engine, r.recipe, str(r.context), str(r.batch), f"{r.status}: {r.reason}"))
             continue
         lines.append((r.engine, r.recipe, str(r.context), str(r.batch), _fmt(r.prefill_s, ".2f"),
-                      _fmt(r.decode_ms, ".2f"), _fmt(r.tokens_per_s, ".1f"), _fmt(r.peak_gib, ".2f"),
-                      _fmt(r.cache_gib, ".4f"), _fmt(r.step_mb, ".1f"), _fmt(r.floor_ms, ".3f"),
-                      _fmt(r.of_floor, ".2f"), _fmt(r.vs_hf_default, ".2f"), _fmt(r.vs_hf_static, ".2f")))  # fmt: skip
+                      _fmt(r.decode_ms, ".2f"), _fmt(r.decode_mean_ms, ".2f"), _fmt(r.tokens_per_s, ".1f"),
+                      _fmt(r.peak_gib, ".2f"), _fmt(r.cache_gib, ".4f"), _fmt(r.step_mb, ".1f"),
+                      _fmt(r.floor_ms, ".3f"), _fmt(r.of_floor, ".2f"), _fmt(r.vs_hf_default, ".2f"),
+                      _fmt(r.vs_hf_static, ".2f")))  # fmt: skip
     widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) == len(head)) for i in range(len(head))]
     out = []
     for line in lines:
@@ -408,6 +463,9 @@ def run(args: argparse.Namespace) -> int:
         print("kvsurgery bench: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.rounds < 1 or args.repeats < 1 or (args.rounds > 1 and args.repeats > 1):
+        print("kvsurgery bench: --rounds and --repeats are >= 1, and only one of them above 1", file=sys.stderr)
+        return 2
     contexts, batches = _tokens(args.contexts), _tokens(args.batch)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -416,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, transformers=_version("transformers"), model=args.model or f"shape {args.shape}",
-        dtype=str(dtype), budget=args.budget, new_tokens=args.new_tokens, repeats=args.repeats,
+        dtype=str(dtype), budget=args.budget, new_tokens=args.new_tokens, repeats=args.repeats, rounds=args.rounds,
         threads=torch.get_num_threads(), cpu_count=_cpu_count(), copy_bandwidth_gbps=bandwidth / 1e9,
         command=" ".join(sys.argv),
     )  # fmt: skip
@@ -438,6 +496,14 @@ def run(args: argparse.Namespace) -> int:
         return weights + cache_bytes
 
     rows: list[Row] = []
+
+    def report(group: list[Row], new: list[Row]) -> None:
+        """Print and save rows as soon as they are measured (a long run keeps what it got)."""
+        _ratios(group)
+        for row in new:
+            print(table([row]).splitlines()[-1], flush=True)
+        _write(args.out, meta, [asdict(r) for r in rows + group], quiet=True)
+
     gen = torch.Generator().manual_seed(args.seed)
     for context in contexts:
         for batch in batches:
@@ -445,29 +511,76 @@ def run(args: argparse.Namespace) -> int:
             kinds = [] if args.no_hf else [HF_DEFAULT, HF_STATIC]
             kinds += [HF_STATIC_COMPILED] if kinds and compile and device.type == "cpu" else []
             recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-            jobs = [partial(hf_row, model, ids, args, device, floor, bandwidth, kind) for kind in kinds]
-            jobs += [partial(surgery_row, model, ids, r, args, device, floor, bandwidth, compile) for r in recipes]
-            jobs.append(partial(kvpress_row, args, context, batch, dtype, bandwidth, weights))
-            group: list[Row] = []
-            for job in jobs:  # each row printed and saved as soon as measured (a long run keeps what it got)
-                group.append(job())
-                _ratios(group)
-                print(table(group[-1:]).splitlines()[-1], flush=True)
-                _write(args.out, meta, [asdict(r) for r in rows + group], quiet=True)
+            makers = [(Row("hf", k, context, batch), partial(hf_engine, ids=ids, args=args, kind=k)) for k in kinds]
+            build = partial(surgery_engine, ids=ids, args=args, compile=compile)
+            makers += [(Row("kvsurgery", r, context, batch), partial(build, recipe=r)) for r in recipes]
+            if args.rounds > 1:
+                group = interleaved_group(model, makers, device, floor, bandwidth, args.rounds, report)
+            else:
+                group = alone_group(model, makers, device, floor, bandwidth, args.repeats, report)
+            group.append(kvpress_row(args, context, batch, dtype, bandwidth, weights))
+            report(group, group[-1:])
             rows += group
     print(table(rows))
     _write(args.out, meta, [asdict(r) for r in rows])
     return 0
 
 
+Maker = tuple[Row, Callable[..., Engine]]  # the row a failed build reports, and the engine's builder (takes the model)
+
+
+def alone_group(model, makers: list[Maker], device, floor, bandwidth: float, repeats: int, report) -> list[Row]:
+    """Each engine in turn on the one model: built, timed (`measure_alone`), closed and released before the next."""
+    group: list[Row] = []
+    for row, make in makers:
+        engine = _built(row, device, lambda make=make: make(model))
+        if engine.row.status == "ok":
+
+            def body(engine=engine) -> None:
+                try:
+                    measure_alone(engine, device, floor, bandwidth, repeats)
+                finally:
+                    engine.close()
+
+            _guarded(engine.row, device, body)
+        group.append(engine.row)
+        report(group, group[-1:])
+    return group
+
+
+def interleaved_group(model, makers: list[Maker], device, floor, bandwidth: float, rounds: int, report) -> list[Row]:
+    """Every engine on its own copy of the model, timed round by round (`measure_interleaved`)."""
+    engines = [_built(row, device, lambda make=make: make(copy.deepcopy(model))) for row, make in makers]
+    try:
+        measure_interleaved(engines, device, floor, bandwidth, rounds)
+    finally:
+        for engine in engines:
+            engine.close()
+        _release(device)
+    group = [e.row for e in engines]
+    report(group, group)
+    return group
+
+
 def _ratios(group: list[Row]) -> None:
     """Fill each row's speed-up over HF's default cache and over its fastest static-cache row."""
-    hf = {r.recipe: r.decode_ms for r in group if r.engine == "hf" and r.status == "ok"}
-    static = min((hf[k] for k in (HF_STATIC, HF_STATIC_COMPILED) if k in hf), default=None)
+    hf = {r.recipe: r for r in group if r.engine == "hf" and r.status == "ok"}
+    static = [hf[k] for k in (HF_STATIC, HF_STATIC_COMPILED) if k in hf]
     for r in group:
         if r.decode_ms:
-            r.vs_hf_default = hf[HF_DEFAULT] / r.decode_ms if HF_DEFAULT in hf else None
-            r.vs_hf_static = static / r.decode_ms if static is not None else None
+            r.vs_hf_default = _speedup([hf[HF_DEFAULT]] if HF_DEFAULT in hf else [], r)
+            r.vs_hf_static = _speedup(static, r)
+
+
+def _speedup(base: list[Row], row: Row) -> float | None:
+    """The fastest `base` row's decode ms over `row`'s; for rows timed in rounds, the median of the per-round ratios
+    (each round's median steps), which a drift of the machine's speed between rounds leaves alone."""
+    if not base:
+        return None
+    n = len(row.rounds_ms or ())
+    if n and all(len(b.rounds_ms or ()) == n for b in base):
+        return statistics.median(min(b.rounds_ms[i] for b in base) / ms for i, ms in enumerate(row.rounds_ms))
+    return min(b.decode_ms for b in base) / row.decode_ms
 
 
 def _version(package: str) -> str:
