@@ -104,7 +104,7 @@ def test_rounds_time_rows_side_by_side_and_ratios_are_per_round(tmp_path, capsys
     for row in rows.values():
         assert row["status"] == "ok", row
         assert len(row["rounds_ms"]) == 3 and all(ms > 0 for ms in row["rounds_ms"])
-        assert row["decode_mean_ms"] > 0 and row["decode_ms"] > 0
+        assert row["decode_mean_ms"] > 0 and row["decode_ms"] > 0 and row["warmup_s"] > 0
         expected = statistics.median(h / x for h, x in zip(hf["rounds_ms"], row["rounds_ms"], strict=True))
         assert row["vs_hf_default"] == expected
         expected = statistics.median(s / x for s, x in zip(static["rounds_ms"], row["rounds_ms"], strict=True))

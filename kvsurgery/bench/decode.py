@@ -76,6 +76,7 @@ class Row:
     batch: int
     status: str = "ok"  # ok | skipped | failed | oom
     reason: str = ""
+    warmup_s: float | None = None  # the first, untimed call's wall time: it compiles
     prefill_s: float | None = None
     decode_ms: float | None = None  # the median step
     decode_mean_ms: float | None = None  # the mean step (it counts the rare slow steps, e.g. KIVI's flushes)
@@ -257,9 +258,15 @@ def _fill(row: Row, calls: list[Call], floor_bytes_of, bandwidth: float) -> None
     row.of_floor = row.floor_ms / row.decode_ms
 
 
+def _warm_up(engine: Engine) -> None:
+    start = time.perf_counter()
+    engine.once()
+    engine.row.warmup_s = time.perf_counter() - start
+
+
 def measure_alone(engine: Engine, device: torch.device, floor_bytes_of, bandwidth: float, repeats: int) -> None:
     """Warm up (compiles), then time `repeats` calls of one engine; on CUDA also its peak memory."""
-    engine.once()
+    _warm_up(engine)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _fill(engine.row, [engine.once() for _ in range(repeats)], floor_bytes_of, bandwidth)
@@ -274,7 +281,8 @@ def measure_interleaved(engines: list[Engine], device: torch.device, floor_bytes
     steps (`rounds_ms`) for the per-round ratios. Peak memory is not measured: every engine's model is resident."""
     live = [e for e in engines if e.row.status == "ok"]
     for e in live:
-        _guarded(e.row, device, e.once, release=False)
+        _guarded(e.row, device, lambda e=e: _warm_up(e), release=False)
+        print(f"{e.row.engine} {e.row.recipe}: warm-up (compiles) {e.row.warmup_s or 0:.0f} s", flush=True)
     calls: dict[int, list[Call]] = {id(e): [] for e in live}
     for i in range(rounds):
         for e in live:
