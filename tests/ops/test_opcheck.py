@@ -142,3 +142,15 @@ def test_cuda_kernels_take_the_op_arguments_by_name(name):
     for param, g, w in zip(op.names, got_args, want_args, strict=True):
         if param in op.writes and g is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=f"{name} wrote {param} differently")
+
+
+def test_a_mutating_op_bumps_the_version_of_each_argument_it_declares_written():
+    """Version counters are how autograd notices in-place writes; kvsurgery's own ADInplaceOrView kernel
+    (`schema._lean_version_bump`) must bump what custom_op's would. A flush with no full residual writes nothing
+    itself, so only that kernel bumps: each declared-written tensor once, no other."""
+    qs = quant_store()
+    assert not bool((qs["length"] >= KIVI.residual).any())
+    before = {name: t._version for name, t in qs.items()}
+    torch.ops.kvsurgery.flush_quantized_(*qs.values(), KIVI.text())
+    writes = OPS["flush_quantized_"].writes
+    assert {name: t._version - before[name] for name, t in qs.items()} == {n: int(n in writes) for n in qs}
