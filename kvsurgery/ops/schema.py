@@ -10,6 +10,7 @@ want it; only the Python side sees one object.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
@@ -105,15 +106,19 @@ def define(op: OpDef) -> None:
         _lean_version_bump(op)
 
 
-_IMPLS: list[torch.library.Library] = []  # registrations live as long as their Library
+@functools.cache
+def _overrides() -> torch.library.Library:
+    """The library kvsurgery's kernel overrides are registered in (they live as long as it does)."""
+    return torch.library.Library(NAMESPACE, "IMPL")
 
 
 def _lean_version_bump(op: OpDef) -> None:
     """Replace custom_op's ADInplaceOrView kernel of a mutating op by one that bumps the same version counters.
 
     custom_op's kernel first rebuilds the full argument list, reading the schema's argument list once per argument
-    (`torch._library.utils.fill_defaults`): 0.1 ms a call for a store op's ~20 parameters (torch 2.13, the 2-core
-    box), paid by every eager call and by every op a compiled CPU graph keeps. Ours indexes the written arguments.
+    (`torch._library.utils.fill_defaults`), a cost every eager call and every op a compiled CPU graph keeps pays:
+    0.14-0.19 ms a call of the 19-parameter no-op flush, against 0.03 ms with this kernel, which indexes the written
+    arguments (torch 2.13, the 2-core box).
     """
     overload = getattr(torch.ops.kvsurgery, op.name).default
     written = [i for i, a in enumerate(overload._schema.arguments) if a.alias_info and a.alias_info.is_write]
@@ -125,11 +130,9 @@ def _lean_version_bump(op: OpDef) -> None:
         with torch._C._AutoDispatchBelowADInplaceOrView():
             return overload(*args, **kwargs)
 
-    if not _IMPLS:
-        _IMPLS.append(torch.library.Library(NAMESPACE, "IMPL"))
     with warnings.catch_warnings():  # the override is the point: torch warns about every override
         warnings.filterwarnings("ignore", message=".*[Oo]verrid", category=UserWarning)
-        _IMPLS[0].impl(op.name, bump_then_run, "ADInplaceOrView", with_keyset=True)
+        _overrides().impl(op.name, bump_then_run, "ADInplaceOrView", with_keyset=True)
 
 
 def register_cuda(op: OpDef, kernel: Callable[..., Any]) -> None:
