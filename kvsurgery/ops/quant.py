@@ -1,4 +1,5 @@
-"""Ops of the quantized store (`torch.ops.kvsurgery.*_quantized*`), backed by `kvsurgery.reference.quant`.
+"""Ops of the quantized store (`torch.ops.kvsurgery.*_quantized*`), backed by `kvsurgery.reference.quant`, and the
+CPU kernel of the packed region's decode attention (`attend_packed`) that the CPU lowering calls.
 
 They take the core store tensors (the dense, full-precision region), then the packed region's (`QUANT_TENSORS`);
 the layout travels as `QuantLayout.text()`.
@@ -6,6 +7,9 @@ the layout travels as `QuantLayout.text()`.
 
 from __future__ import annotations
 
+import torch
+
+from kvsurgery.kernels import cpu_packed_attention
 from kvsurgery.ops.schema import OpDef, like_q
 from kvsurgery.reference import quant as quant_reference
 from kvsurgery.store import CORE_TENSORS, QUANT_TENSORS
@@ -15,6 +19,12 @@ STORE = (*CORE_TENSORS, *QUANT_TENSORS)
 READ = ("k_store", "v_store", "pos", "start", "length", "seen", *QUANT_TENSORS[:7], "q_len")
 # what a KIVI flush writes: the residual moved forward, the packed planes it fills and their lengths
 FLUSHED = ("k_store", "v_store", "pos", "length", *QUANT_TENSORS[:6], "q_len")
+
+
+def _packed_outputs(q: torch.Tensor, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend_packed`'s output [B, Hq, D] and log-sum-exp [B, Hq], float32."""
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
+
 
 OPS = (
     # Prefill: keep what the unquantized store keeps; pack the layout's share, the rest stays full precision.
@@ -52,5 +62,14 @@ OPS = (
         quant_reference.attend_quantized,
         like_q,
         "Tensor",
+    ),
+    # Decode attention over the packed region alone, in C++ on CPU -> (output [B, Hq, D], log-sum-exp [B, Hq]): what
+    # the CPU lowering of `attend_quantized` calls for KIVI layouts, merging the dense region in aten ops.
+    OpDef(
+        "attend_packed",
+        ("Tensor q", *QUANT_TENSORS[:7], "q_len", "float scale", "str layout"),
+        cpu_packed_attention.attend_packed,
+        _packed_outputs,
+        "(Tensor, Tensor)",
     ),
 )

@@ -84,6 +84,7 @@ def cases() -> dict[str, tuple]:
         "append_quantized_": (*qs.values(), k1, v1, KIVI.text()),
         "flush_quantized_": (*qs.values(), KIVI.text()),
         "attend_quantized": (q1, *qdense, *packed, SCALE, KIVI.text(), 0.0),
+        "attend_packed": (q1[:, :, 0], *packed, SCALE, KIVI.text()),
         "prefixkv_scores": (q, k, mask, SCALE),
         "prefixkv_append_": (*core(s), k1, v1, 0.5, 1),
         "label_fill_": (*labels, ls["k_store"], ls["start"], ls["cap"], CHANNELS, 4),
