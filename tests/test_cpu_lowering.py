@@ -87,6 +87,8 @@ def test_lowered_decode_graph_has_no_lowered_op_and_gives_eager_tokens(recipe, b
     assert any(n.target == "index_put_" for n in decode.graph.nodes), "appends write the store in place"
     flushes = "kvsurgery.flush_quantized_" in _kvsurgery_ops(decode)
     assert flushes == ("kivi" in recipe), "KIVI's flush stays an op that returns at once on steps that do not flush"
+    by_kernel = "kvsurgery.attend_packed" in _kvsurgery_ops(decode)
+    assert by_kernel == ("kivi" in recipe), "KIVI's packed region is attended by the C++ kernel"
     if lengths[0] == lengths[1] or recipe == "full":  # every head keeps a row's whole prompt, unless Ada-KV splits it
         assert uniform == {lengths[0] == lengths[1] and recipe != "adakv"}
     per_head = any(n.target is torch._assert_async for n in decode.graph.nodes)

@@ -15,17 +15,16 @@ graph goes to Inductor, each decode op is replaced by an equivalent written over
   copy of the segments;
 - appends write the new token in place (`index_put_`), choosing an evicted slot with the same rule as the
   reference, over the same flat slot axis;
-- KIVI's packed codes are unpacked by bit plane and dequantized by one kernel per K and V, vectorised over a
-  plane's bytes, into a float copy that the two matmuls read in place (the query and the value output in plane
-  order; per head where the heads are equal). Three things keep Inductor's CPU code vectorised and copy-free: the
-  per-group key statistics are looked up by slot // group from a small plane-ordered copy, not by splitting the
-  symbolic slot axis (sizes Inductor cannot prove equal, so a copy before the matmul); the per-token value
-  statistics are picked by comparisons on the byte, not by splitting a plane into runs shorter than a vector; and
-  the planes are unpacked by broadcast shifts, not stacked (a `cat`). Per layer at SmolLM2-135M's 4K shape on the
-  2-core box (kernel profile of a one-layer model, 2026-12-03): 0.13 ms for K and 0.13 ms for V, against 0.64 ms
-  (K, with RoPE), 0.25 ms (V) and 0.40 ms of `cat` before. Dequantizing inside the logit and value reductions
-  instead, so that x̂ is never written, matched this in an isolated function but gave one 20.4 ms kernel a layer in
-  the model's decode graph (same profile);
+- KIVI's packed region is attended by a C++ kernel (`kvsurgery::attend_packed`,
+  `kvsurgery.kernels.cpu_packed_attention`) that dequantizes the codes inside its logit and value loops, so no
+  dequantized copy is written; it returns each query head's log-sum-exp beside its output, and aten ops merge the
+  dense region into the same softmax. Written in aten ops, the dequantization either wrote a float copy of every
+  packed slot for two matmuls to read (1 MB a KV head for K and as much for V at SmolLM2-135M's 4K shape), or,
+  placed inside the reductions, gave Inductor kernels that redo the unpacking per query head and plane. One layer
+  at that shape, compiled alone (2-core box, 2026-12-03): 0.27-0.34 ms with the kernel, 0.62-0.70 ms with the copy
+  (the same three rounds), 1.43 ms inside the reductions (20.4 ms in the model's graph). Those aten ops were also
+  most of a KIVI graph's compile time: SmolLM2-135M truncated to 4 layers compiled in 43 s, 29 s with the kernel,
+  21 s for `full`;
 - KIVI's append writes the new token in place; its flush stays an op (`kvsurgery::flush_quantized_`, the
   reference), which returns at once on the steps where no head's residual is full (all but one in `flush`): a
   graph has no branch, so a flush written in aten ops ran on every step (0.2 ms a layer).
@@ -43,7 +42,8 @@ import torch
 from torch import Tensor, fx
 
 from kvsurgery.fx_utils import UNIFORM_HEADS
-from kvsurgery.reference.quant_codes import QuantSpec, compute_dtype
+from kvsurgery.kernels import cpu_packed_attention
+from kvsurgery.reference.quant_codes import compute_dtype
 from kvsurgery.reference.quant_layout import QuantLayout
 
 NEG_INF = float("-inf")
@@ -92,18 +92,6 @@ def _masked_attention(q, k, v, allowed, scale: float):
     logits = torch.matmul(q, k.transpose(1, 2)) * scale
     probs = torch.softmax(logits.masked_fill(~allowed, NEG_INF), dim=-1).nan_to_num(0.0)
     return torch.matmul(probs, v), probs
-
-
-def _two_region_attention(qf, k_hat, v_hat, k_dense, v_dense, packed_ok, dense_ok, scale: float, lay: QuantLayout):
-    """One softmax over the packed slots (dequantized, channels in plane order) and the dense slots -> output
-    [R, G, Dv] in channel order: qf [R, G, D], masks broadcast to [R, G, packed] and [R, G, dense]."""
-    packed = torch.matmul(_plane_order(qf, 8 // lay.k.bits), k_hat.transpose(1, 2)) * scale
-    dense = torch.matmul(qf, k_dense.transpose(1, 2)) * scale
-    logits = torch.cat([packed.masked_fill(~packed_ok, NEG_INF), dense.masked_fill(~dense_ok, NEG_INF)], dim=-1)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    n_packed = k_hat.size(1)
-    out = _channel_order(torch.matmul(probs[..., :n_packed], v_hat), 8 // lay.v.bits)
-    return out + torch.matmul(probs[..., n_packed:], v_dense)
 
 
 def _attend_flat(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor,
@@ -193,124 +181,58 @@ def append_(k_store, v_store, pos, slot_score, keep, cap, start, length, seen, k
     seen.add_(1)
 
 
-def _shifts(like, bits: int, device: torch.device):
-    """The bit offset of each code in a byte, low bits first (`quantization.pack`), as a graph node."""
-    kwargs = {"dtype": torch.uint8, "device": device}
-    if isinstance(like, fx.Proxy):
-        return like.tracer.create_proxy("call_function", torch.arange, (0, 8, bits), kwargs)
-    return torch.arange(0, 8, bits, **kwargs)
-
-
-def _bit_planes(codes, bits: int, device: torch.device):
-    """Packed bytes [B, S, W] -> codes [B, S, P, W], P = 8 // bits planes: plane j holds channels j, j + P, ...
-    (`quant_codes.pack` puts channel i * P + j in bits j * bits of byte i). The shift is constant along each plane's
-    bytes, so the unpacking is one contiguous, vectorisable op that Inductor inlines into the dequantization."""
-    return (codes[..., None, :] >> _shifts(codes, bits, device)[:, None]) & ((1 << bits) - 1)
-
-
-def _plane_order(x, planes: int):
-    """Channels [..., D] -> plane order: position j * (D // P) + i holds channel i * P + j."""
-    return x.unflatten(-1, (-1, planes)).transpose(-1, -2).flatten(-2)
-
-
-def _channel_order(x, planes: int):
-    """Plane order [..., D] -> channels (the inverse of `_plane_order`)."""
-    return x.unflatten(-1, (planes, -1)).transpose(-1, -2).flatten(-2)
-
-
-def _per_byte(stats, run: int, width: int, device: torch.device):
-    """Per-token statistics [R, S, groups] -> [R, S, width]: byte w's group (w // run) picked by comparisons on w.
-    With the plane split into runs instead, Inductor vectorises over a run, which can be shorter than a register
-    (8 floats at 2 bits and 32-channel groups: half an AVX-512 register, masked)."""
-    w = _arange(stats, width, device)
-    out = stats[..., :1]
-    for k in range(1, width // run):
-        out = torch.where(w >= k * run, stats[..., k : k + 1], out)
-    return out
-
-
-def _realized_plane_order(stats, planes: int, d: int):
-    """Statistics [R, N, D] -> [R, N, P, D / P] in plane order, written out contiguously: read in place, the
-    permuted view makes Inductor vectorise over P elements (a transpose per slot) instead of D / P."""
-    from torch._inductor.inductor_prims import force_stride_order  # defines the prim Inductor lowers to a copy
-
-    view = _plane_order(stats, planes).unflatten(-1, (planes, d // planes))
-    return force_stride_order(view, [stats.size(1) * d, d, d // planes, 1])
-
-
-def _dequantized(codes, scale, low, spec: QuantSpec, dt: torch.dtype, n_kv: int = 1):
-    """x̂ [B n_kv, S / n_kv, D] of every packed slot (n_kv > 1: each KV head's segment its own row, `_per_head`),
-    channels in plane order (`_plane_order`). Inductor computes it in one kernel vectorised over a plane's bytes and
-    writes it once, in the layout the matmuls read."""
-    width = _value(codes).shape[-1]
-    planes = 8 // spec.bits
-    device = _value(codes).device
-    codes, scale, low = (_per_head(t, n_kv) if n_kv > 1 else t for t in (codes, scale, low))
-    x = _bit_planes(codes, spec.bits, device).to(dt)  # [R, S, P, W]
-    if spec.axis == "token":  # one (scale, lo) per slot and group of channels: runs of group // P bytes a plane
-        scale, low = (_per_byte(t.to(dt), spec.group // planes, width, device)[:, :, None] for t in (scale, low))
-        return (x * scale + low).flatten(2)
-    # one (scale, lo) per group of slots and channel, looked up by slot // group: splitting the symbolic slot axis
-    # into groups would leave Inductor sizes it cannot prove equal (a copy before each matmul)
-    group_of = _arange(codes, codes.size(1), device) // spec.group
-    scale, low = (_realized_plane_order(t.to(dt), planes, planes * width)[:, group_of] for t in (scale, low))
-    return (x * scale + low).flatten(2)
-
-
-def _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes, qk_scale, qk_low, qv_codes,
-                               qv_scale, qv_low, q_start, q_len, scale, lay: QuantLayout):  # fmt: skip
-    """`attend_quantized` for a layer whose KV heads own equal segments in both regions: each query group attends
-    to its own head's packed and dense slots only."""
+def _packed_by_kernel(q, qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len, scale: float,
+                      lay: QuantLayout):  # fmt: skip
+    """(output [B, Hq, D], log-sum-exp [B, Hq, 1]) of the packed region, by the C++ kernel (`attend_packed`), which
+    dequantizes inside its loops: nothing of the size of the packed region is written."""
     b, hq, _, d = _value(q).shape
-    n_kv = _value(start).shape[1]
-    g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
-    _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
-    _check_uniform(q_start, qk_codes.size(1), n_kv, device, "packed")
-    k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, dt, n_kv)  # [B * Hkv, packed / Hkv, D]
-    v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, dt, n_kv)
-    packed_ok = _arange(start, k_hat.size(1), device) < q_len.reshape(-1, 1)
-    p = _per_head(pos, n_kv)
-    dense_ok = (_arange(start, p.size(-1), device) < length.reshape(-1, 1)) & (p >= 0)
-    k_dense, v_dense = (_per_head(t, n_kv).to(dt) for t in (k_store, v_store))
-    qf = q.reshape(b * n_kv, g, d).to(dt)
-    out = _two_region_attention(qf, k_hat, v_hat, k_dense, v_dense, packed_ok[:, None], dense_ok[:, None], scale, lay)
-    return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
+    args = (q.reshape(b, hq, d), qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len, scale)
+    op = torch.ops.kvsurgery.attend_packed.default
+    if isinstance(q, fx.Proxy):
+        out = q.tracer.create_proxy("call_function", op, (*args, lay.text()), {})
+        return out[0], out[1][..., None]
+    o_p, lse_p = op(*args, lay.text())
+    return o_p, lse_p[..., None]
+
+
+def _with_dense(o_p, lse_p, qf, k, v, allowed, scale: float):
+    """One softmax over the packed region, given as its normalised output o_p [R, G, D] and log-sum-exp lse_p
+    [R, G, 1], and the dense slots k, v [R, S, D] (`allowed` broadcast to [R, G, S]) -> [R, G, D]. A query with no
+    key at all gets zeros."""
+    dense = (torch.matmul(qf, k.transpose(1, 2)) * scale).masked_fill(~allowed, NEG_INF)
+    lse = torch.logaddexp(lse_p, torch.logsumexp(dense, dim=-1, keepdim=True))
+    return (torch.exp(lse_p - lse) * o_p + torch.matmul(torch.exp(dense - lse), v)).nan_to_num(0.0)
 
 
 def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk_scale, qk_low, qv_codes, qv_scale,
                      qv_low, q_start, q_len, scale, layout, squeeze, uniform_heads=False):  # fmt: skip
-    """Lowered `kvsurgery::attend_quantized`: one softmax over the dequantized packed slots and the dense region, each
-    query head masked to its KV head's segments."""
-    lay = QuantLayout.parse(layout)
-    if uniform_heads:
-        return _attend_quantized_per_head(q, k_store, v_store, pos, start, length, qk_codes, qk_scale, qk_low,
-                                          qv_codes, qv_scale, qv_low, q_start, q_len, scale, lay)  # fmt: skip
+    """Lowered `kvsurgery::attend_quantized` (layouts `cpu_packed_attention.supported` serves): the packed region by
+    the C++ kernel, then one softmax with the dense region in aten ops, each query head masked to its KV head's
+    segment (per head where the heads' segments are equal)."""
     b, hq, _, d = _value(q).shape
     n_kv = _value(start).shape[1]
     g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
-    qf = q.reshape(b, hq, d).to(dt)
+    o_p, lse_p = _packed_by_kernel(q, qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len, scale,
+                                   QuantLayout.parse(layout))  # fmt: skip
+    if uniform_heads:
+        _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
+        p = _per_head(pos, n_kv)
+        allowed = ((_arange(start, p.size(-1), device) < length.reshape(-1, 1)) & (p >= 0))[:, None]
+        k, v = (_per_head(t, n_kv).to(dt) for t in (k_store, v_store))
+        qf, o_p, lse_p = (t.reshape(b * n_kv, g, -1) for t in (q.to(dt), o_p, lse_p))
+    else:
+        ok = segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :]
+        allowed = ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
+        k, v = k_store.to(dt), v_store.to(dt)
+        qf = q.reshape(b, hq, d).to(dt)
+    return _with_dense(o_p, lse_p, qf, k, v, allowed, scale).reshape(b, hq, 1, -1).to(_value(q).dtype)
 
-    def per_query_head(ok):
-        return ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
 
-    dense_ok = per_query_head(segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :])
-    packed_ok = per_query_head(segment_slots(q_start, q_len, qk_codes.size(1), device))
-    k_hat = _dequantized(qk_codes, qk_scale, qk_low, lay.k, dt)  # channels in plane order, as the query then
-    v_hat = _dequantized(qv_codes, qv_scale, qv_low, lay.v, dt)
-    out = _two_region_attention(qf, k_hat, v_hat, k_store.to(dt), v_store.to(dt), packed_ok, dense_ok, scale, lay)
-    return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
-
-
-def _lowerable_quantized(layout: str, squeeze: float) -> bool:
-    """Layouts whose statistics are per slot or per group of slots (KIVI), without logit squeezing (CalibQuant),
-    whose channel groups hold whole runs of each bit plane (`_dequantized`)."""
-    lay = QuantLayout.parse(layout)
-    specs = (lay.k, lay.v)
-    return (
-        squeeze <= 0
-        and not any(s.axis == "channel" and s.group == 0 for s in specs)
-        and all(s.axis == "channel" or s.group % (8 // s.bits) == 0 for s in specs)
-    )
+def _kernel_serves(args) -> bool:
+    """Whether the packed-region kernel serves an `attend_quantized` call (its layout and dtype), without logit
+    squeezing (CalibQuant); otherwise the reference op stays in the graph."""
+    q, layout, squeeze = args[0].meta["example_value"], args[-2], args[-1]
+    return squeeze <= 0 and cpu_packed_attention.supported(QuantLayout.parse(layout), q.shape[-1], q.dtype)
 
 
 def _has_residual(layout: str) -> bool:
@@ -343,7 +265,7 @@ def _lowerings() -> dict[object, tuple[Callable, Callable]]:
         ops.attend.default: (attend, always),
         ops.attend_accumulate_.default: (attend_accumulate_, always),
         ops.append_.default: (append_, always),
-        ops.attend_quantized.default: (attend_quantized, lambda args: _lowerable_quantized(args[-2], args[-1])),
+        ops.attend_quantized.default: (attend_quantized, _kernel_serves),
         ops.append_quantized_.default: (append_quantized_, lambda args: _has_residual(args[-1])),
     }
 
