@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import warnings
 
 import torch
 from torch import Tensor
@@ -104,8 +105,16 @@ def build(g: int, d: int, k_bits: int, v_bits: int, k_group: int, v_group: int, 
     """The kernel for one layout built with `flags` and vectors of `lanes` floats (which must divide the key group
     and the bytes of a value), as a ctypes function."""
     defines = dict(KV_G=g, KV_D=d, KV_L=lanes, KV_KB=k_bits, KV_VB=v_bits, KV_GK=k_group, KV_GV=v_group)
-    args = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *flags, *(f"-D{k}={v}" for k, v in defines.items())]
-    fn = ctypes.CDLL(str(_built(args))).kernel
+    args = ["-O3", "-std=c++17", "-fPIC", "-shared", *flags, *(f"-D{k}={v}" for k, v in defines.items())]
+    try:
+        library = _built([*args, "-fopenmp"])
+    except KVSurgeryError as with_openmp:  # e.g. Apple's clang, which has no -fopenmp
+        try:
+            library = _built(args)
+        except KVSurgeryError:
+            raise with_openmp from None
+        warnings.warn("the CPU KIVI attention kernel was built without OpenMP, so it runs on one thread", stacklevel=2)
+    fn = ctypes.CDLL(str(library)).kernel
     fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int64]
     fn.restype = None
     return fn

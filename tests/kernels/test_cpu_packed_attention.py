@@ -112,3 +112,35 @@ def test_a_failed_build_names_the_command(monkeypatch, tmp_path):
             cpu_packed_attention._kernel(3, 64, 2, 2, 32, 32)
     finally:
         cpu_packed_attention._kernel.cache_clear()
+
+
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_path):
+    """A compiler that refuses -fopenmp (Apple's clang) still builds the kernel, with a warning, and it computes the
+    same answer (its OpenMP pragmas are ignored)."""
+    compiler = tmp_path / "no-openmp-c++"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec g++ "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("KVSURGERY_CACHE", str(tmp_path / "cache"))
+    lay = QuantLayout(QuantSpec(2, "channel", 8), QuantSpec(2, "token", 8), residual=8)
+    gen = torch.Generator().manual_seed(0)
+    t = {
+        "qk_codes": torch.randint(0, 256, (1, 16, 4), dtype=torch.uint8, generator=gen),
+        "qk_scale": torch.rand(1, 2, 16, generator=gen),
+        "qk_low": torch.randn(1, 2, 16, generator=gen),
+        "qv_codes": torch.randint(0, 256, (1, 16, 4), dtype=torch.uint8, generator=gen),
+        "qv_scale": torch.rand(1, 16, 2, generator=gen),
+        "qv_low": torch.randn(1, 16, 2, generator=gen),
+        "q_start": torch.tensor([[0, 8]], dtype=torch.int32),
+        "q_len": torch.tensor([[8, 5]], dtype=torch.int32),
+    }
+    q = torch.randn(1, 4, 16, generator=gen)
+    cpu_packed_attention._kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="without OpenMP"):
+            out, lse = cpu_packed_attention.attend_packed(q, *t.values(), 0.25, lay.text())
+    finally:
+        cpu_packed_attention._kernel.cache_clear()
+    want_out, want_lse = expected(q, t, lay, 0.25)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-4)
