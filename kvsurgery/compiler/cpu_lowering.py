@@ -94,55 +94,53 @@ def _masked_attention(q, k, v, allowed, scale: float):
     return torch.matmul(probs, v), probs
 
 
-def _attend_flat(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor,
-                 seen: Tensor, scale: float, window: int):  # fmt: skip
-    """Decode attention over the whole store, each query head masked to its KV head's segment -> (out [B, Hq, 1, D],
-    probs [B, Hkv, G, S], ok [B, Hkv, S])."""
+def _dense_inputs(q, k_store, v_store, pos, start, length, seen, window: int, uniform_heads: bool, dt: torch.dtype):
+    """The dense store as attention inputs (queries, keys, values, allowed, ok), `ok` [B, Hkv, slots] the slots each
+    KV head attends to. Where the KV heads own equal segments, each query group gets its own head's segment only (a
+    third of the multiply-adds at 3 KV heads): queries [B Hkv, G, D], keys and values [B Hkv, S / Hkv, D], allowed
+    [B Hkv, 1, S / Hkv]. Otherwise every query head gets the whole store, masked to its KV head's segment: queries
+    [B, Hq, D], keys and values [B, S, D], allowed [B, Hq, S]."""
     b, hq, _, d = _value(q).shape
     n_kv = _value(start).shape[1]
-    g = hq // n_kv
-    dt = _acc(_value(q).dtype)
-    ok = segment_slots(start, length, k_store.size(1), _value(q).device) & (pos >= 0)[:, None, :]
+    g, device = hq // n_kv, _value(q).device
+    if uniform_heads:
+        _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
+        p = pos.unflatten(1, (n_kv, -1))
+        ok = (_arange(start, p.size(-1), device) < length[..., None]) & (p >= 0)
+        if window > 0:
+            ok = ok & (p > seen - 1 - window)
+        k, v = (_per_head(t, n_kv).to(dt) for t in (k_store, v_store))
+        return q.reshape(b * n_kv, g, d).to(dt), k, v, ok.reshape(b * n_kv, 1, -1), ok
+    ok = segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :]
     if window > 0:
         ok = ok & (pos > seen - 1 - window)[:, None, :]
     allowed = ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
-    out, probs = _masked_attention(q.reshape(b, hq, d).to(dt), k_store.to(dt), v_store.to(dt), allowed, scale)
-    return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, g, -1), ok
+    return q.reshape(b, hq, d).to(dt), k_store.to(dt), v_store.to(dt), allowed, ok
 
 
-def _attend_per_head(q: Tensor, k_store: Tensor, v_store: Tensor, pos: Tensor, start: Tensor, length: Tensor,
-                     seen: Tensor, scale: float, window: int):  # fmt: skip
-    """`_attend_flat` for a layer whose KV heads own equal segments: each query group attends to its own head's
-    segment only (a third of the multiply-adds at 3 KV heads) -> (out, probs [B, Hkv, G, S / Hkv], ok [B, Hkv, S /
-    Hkv])."""
-    b, hq, _, d = _value(q).shape
+def _attend_dense(q, k_store, v_store, pos, start, length, seen, scale: float, window: int, uniform_heads: bool):
+    """Decode attention over the dense store (`_dense_inputs`) -> (out [B, Hq, 1, D], probs [B, Hkv, G, slots], ok)."""
+    b, hq, _, _ = _value(q).shape
     n_kv = _value(start).shape[1]
-    g, dt, device = hq // n_kv, _acc(_value(q).dtype), _value(q).device
-    _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
-    p = pos.unflatten(1, (n_kv, -1))
-    ok = (_arange(start, p.size(-1), device) < length[..., None]) & (p >= 0)
-    if window > 0:
-        ok = ok & (p > seen - 1 - window)
-    k, v = (_per_head(t, n_kv).to(dt) for t in (k_store, v_store))
-    out, probs = _masked_attention(q.reshape(b * n_kv, g, d).to(dt), k, v, ok.reshape(b * n_kv, 1, -1), scale)
-    return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, g, -1), ok
+    dt = _acc(_value(q).dtype)
+    qf, k, v, allowed, ok = _dense_inputs(q, k_store, v_store, pos, start, length, seen, window, uniform_heads, dt)
+    out, probs = _masked_attention(qf, k, v, allowed, scale)
+    return out.reshape(b, hq, 1, -1).to(_value(q).dtype), probs.reshape(b, n_kv, hq // n_kv, -1), ok
 
 
 def attend(q, k_store, v_store, pos, start, length, seen, scale, window, uniform_heads=False):
     """Lowered `kvsurgery::attend`."""
-    fn = _attend_per_head if uniform_heads else _attend_flat
-    return fn(q, k_store, v_store, pos, start, length, seen, scale, window)[0]
+    return _attend_dense(q, k_store, v_store, pos, start, length, seen, scale, window, uniform_heads)[0]
 
 
 def attend_accumulate_(q, k_store, v_store, pos, slot_score, start, length, seen, scale, window, uniform_heads=False):
     """Lowered `kvsurgery::attend_accumulate_`: each slot gains its group's mean attention (zero off the group)."""
+    out, probs, ok = _attend_dense(q, k_store, v_store, pos, start, length, seen, scale, window, uniform_heads)
+    gain = probs.mean(dim=2).float().masked_fill(~ok, 0.0)
     if uniform_heads:  # slot h * (S / Hkv) + j of the store is slot j of head h
-        out, probs, ok = _attend_per_head(q, k_store, v_store, pos, start, length, seen, scale, window)
-        slot_score.add_(probs.mean(dim=2).float().masked_fill(~ok, 0.0).flatten(1))
-        return out
-    out, probs, ok = _attend_flat(q, k_store, v_store, pos, start, length, seen, scale, window)
-    gain = probs.mean(dim=2).float().masked_fill(~ok, 0.0)  # [B, Hkv, S]; a slot is in one head's segment only
-    slot_score.add_(gain.sum(dim=1))
+        slot_score.add_(gain.flatten(1))
+    else:  # [B, Hkv, S]; a slot is in one head's segment only
+        slot_score.add_(gain.sum(dim=1))
     return out
 
 
@@ -182,17 +180,14 @@ def append_(k_store, v_store, pos, slot_score, keep, cap, start, length, seen, k
 
 
 def _packed_by_kernel(q, qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len, scale: float,
-                      lay: QuantLayout):  # fmt: skip
+                      layout: str):  # fmt: skip
     """(output [B, Hq, D], log-sum-exp [B, Hq, 1]) of the packed region, by the C++ kernel (`attend_packed`), which
     dequantizes inside its loops: nothing of the size of the packed region is written."""
     b, hq, _, d = _value(q).shape
-    args = (q.reshape(b, hq, d), qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len, scale)
+    args = (q.reshape(b, hq, d), qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len, scale, layout)
     op = torch.ops.kvsurgery.attend_packed.default
-    if isinstance(q, fx.Proxy):
-        out = q.tracer.create_proxy("call_function", op, (*args, lay.text()), {})
-        return out[0], out[1][..., None]
-    o_p, lse_p = op(*args, lay.text())
-    return o_p, lse_p[..., None]
+    out = q.tracer.create_proxy("call_function", op, args, {}) if isinstance(q, fx.Proxy) else op(*args)
+    return out[0], out[1][..., None]
 
 
 def _with_dense(o_p, lse_p, qf, k, v, allowed, scale: float):
@@ -207,25 +202,16 @@ def _with_dense(o_p, lse_p, qf, k, v, allowed, scale: float):
 def attend_quantized(q, k_store, v_store, pos, start, length, seen, qk_codes, qk_scale, qk_low, qv_codes, qv_scale,
                      qv_low, q_start, q_len, scale, layout, squeeze, uniform_heads=False):  # fmt: skip
     """Lowered `kvsurgery::attend_quantized` (layouts `cpu_packed_attention.supported` serves): the packed region by
-    the C++ kernel, then one softmax with the dense region in aten ops, each query head masked to its KV head's
-    segment (per head where the heads' segments are equal)."""
-    b, hq, _, d = _value(q).shape
+    the C++ kernel, then one softmax with the dense region (`_dense_inputs`) in aten ops."""
+    b, hq, _, _ = _value(q).shape
     n_kv = _value(start).shape[1]
-    g, dt, device = hq // n_kv, compute_dtype(_value(q)), _value(q).device
+    dt = compute_dtype(_value(q))
     o_p, lse_p = _packed_by_kernel(q, qk_codes, qk_scale, qk_low, qv_codes, qv_scale, qv_low, q_start, q_len, scale,
-                                   QuantLayout.parse(layout))  # fmt: skip
-    if uniform_heads:
-        _check_uniform(start, k_store.size(1), n_kv, device, "full-precision")
-        p = _per_head(pos, n_kv)
-        allowed = ((_arange(start, p.size(-1), device) < length.reshape(-1, 1)) & (p >= 0))[:, None]
-        k, v = (_per_head(t, n_kv).to(dt) for t in (k_store, v_store))
-        qf, o_p, lse_p = (t.reshape(b * n_kv, g, -1) for t in (q.to(dt), o_p, lse_p))
-    else:
-        ok = segment_slots(start, length, k_store.size(1), device) & (pos >= 0)[:, None, :]
-        allowed = ok[:, :, None, :].expand(-1, -1, g, -1).reshape(b, hq, -1)
-        k, v = k_store.to(dt), v_store.to(dt)
-        qf = q.reshape(b, hq, d).to(dt)
-    return _with_dense(o_p, lse_p, qf, k, v, allowed, scale).reshape(b, hq, 1, -1).to(_value(q).dtype)
+                                   layout)  # fmt: skip
+    qf, k, v, allowed, _ = _dense_inputs(q, k_store, v_store, pos, start, length, seen, 0, uniform_heads, dt)
+    rows = (b * n_kv, hq // n_kv) if uniform_heads else (b, hq)  # the queries' leading dims in `_dense_inputs`
+    out = _with_dense(o_p.reshape(*rows, -1), lse_p.reshape(*rows, 1), qf, k, v, allowed, scale)
+    return out.reshape(b, hq, 1, -1).to(_value(q).dtype)
 
 
 def _kernel_serves(args) -> bool:
