@@ -22,9 +22,9 @@ graph goes to Inductor, each decode op is replaced by an equivalent written over
   packed slot for two matmuls to read (1 MB a KV head for K and as much for V at SmolLM2-135M's 4K shape), or,
   placed inside the reductions, gave Inductor kernels that redo the unpacking per query head and plane. One layer
   at that shape, compiled alone (2-core box, 2026-12-03): 0.27-0.34 ms with the kernel, 0.62-0.70 ms with the copy
-  (the same three rounds), 1.43 ms inside the reductions (20.4 ms in the model's graph). Those aten ops were also
-  most of a KIVI graph's compile time: SmolLM2-135M truncated to 4 layers compiled in 43 s, 29 s with the kernel,
-  21 s for `full`;
+  in the same three rounds; inside the reductions, 1.43 ms in an earlier harness (docs/kernels.md). Those aten
+  ops were also most of what a KIVI graph added to the compile time: SmolLM2-135M truncated to 4 layers, empty
+  Inductor cache, compiled kivi2 in 51 s with them, 36 s with the kernel, and `full` in 29 s;
 - KIVI's append writes the new token in place; its flush stays an op (`kvsurgery::flush_quantized_`, the
   reference), which returns at once on the steps where no head's residual is full (all but one in `flush`): a
   graph has no branch, so a flush written in aten ops ran on every step (0.2 ms a layer).
